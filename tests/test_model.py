@@ -1,0 +1,253 @@
+"""
+model.py against transformers (the numerical oracle) on tiny random checkpoints made on the spot.
+
+    python -m pytest tests/test_model.py -v
+"""
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from model import Llama, LlamaConfig
+
+torch.manual_seed(0)
+
+# initializer_range 0.2 (not 0.02): attention must be far from uniform, or RoPE errors would hide
+BASE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=256,
+            initializer_range=0.2)
+CONFIGS = {
+    # Llama 2: no GQA, theta 1e4, untied
+    "llama2": ("llama", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0)),
+    # Llama 3: GQA, theta 5e5
+    "llama3": ("llama", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0)),
+    # Llama 3.1: llama3 rope scaling factor 8
+    "llama31": ("llama", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
+                              rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                high_freq_factor=4.0, original_max_position_embeddings=64))),
+    # Llama 3.2: tied embeddings, llama3 scaling factor 32
+    "llama32": ("llama", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
+                              tie_word_embeddings=True,
+                              rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                                high_freq_factor=4.0, original_max_position_embeddings=64))),
+    # Qwen2: q/k/v biases, GQA
+    "qwen2": ("qwen2", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0,
+                            rms_norm_eps=1e-6)),
+    # odd sizes: vocab not a multiple of 8, 3 kv heads, head_dim set explicitly
+    "odd": ("llama", dict(vocab_size=251, hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
+                          head_dim=16, intermediate_size=100, rope_theta=500000.0)),
+}
+
+
+def make_hf(name, path, dtype=torch.float32):
+    """A random HF model with config `name`, saved to `path` as safetensors; returns the HF model."""
+    arch, kw = CONFIGS[name]
+    kw = {**BASE, **kw}
+    if arch == "llama":
+        cfg, cls = transformers.LlamaConfig(**kw), transformers.LlamaForCausalLM
+    else:
+        cfg, cls = transformers.Qwen2Config(**kw, use_sliding_window=False), transformers.Qwen2ForCausalLM
+    torch.manual_seed(0)
+    hf = cls(cfg).eval()
+    with torch.no_grad():  # random biases/norms so that every parameter matters
+        for n, p in hf.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.normal_(1.0 if "norm" in n else 0.0, 0.1)
+    hf.save_pretrained(path)
+    return hf.to(dtype)
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp(request.param))
+    hf = make_hf(request.param, path)
+    return request.param, path, hf
+
+
+def tokens(V, B=2, T=33, seed=1):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_fp32_parity(pair):
+    name, path, hf = pair
+    ours = Llama.from_pretrained(path).eval()
+    x = tokens(ours.cfg.vocab_size)
+    d = (ours(x).float() - hf(x).logits.float()).abs().max().item()
+    assert d <= 1e-4, f"{name}: max |dlogits| {d}"
+
+
+@torch.no_grad()
+def test_bf16_within_noise(pair):
+    """bf16 error against the fp32 oracle is no worse than transformers' own bf16 error."""
+    name, path, hf = pair
+    x = tokens(hf.config.vocab_size)
+    ref = hf(x).logits.float()
+    hf16 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ours16 = Llama.from_pretrained(path, dtype=torch.bfloat16).eval()
+    err_hf = (hf16(x).logits.float() - ref).abs().max().item()
+    err_ours = (ours16(x).float() - ref).abs().max().item()
+    assert err_ours <= 1.5 * err_hf + 1e-3, f"{name}: ours {err_ours} vs transformers {err_hf}"
+
+
+@torch.no_grad()
+def test_round_trip_through_transformers(pair, tmp_path):
+    """ours -> save_pretrained -> transformers gives the same logits; tied models write no lm_head."""
+    name, path, hf = pair
+    ours = Llama.from_pretrained(path)
+    out = str(tmp_path / "saved")
+    ours.save_pretrained(out)
+    keys = load_file(os.path.join(out, "model.safetensors")).keys()
+    assert ("lm_head.weight" in keys) == (not ours.cfg.tie_embeddings)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    x = tokens(ours.cfg.vocab_size)
+    assert (back(x).logits - hf(x).logits).abs().max().item() <= 1e-5
+    assert type(back) is type(hf)
+
+
+@torch.no_grad()
+def test_sharded_checkpoint(tmp_path):
+    path = str(tmp_path / "src")
+    hf = make_hf("llama3", path)
+    ours = Llama.from_pretrained(path)
+    out = str(tmp_path / "sharded")
+    ours.save_pretrained(out, max_shard_bytes=100_000)
+    files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert len(files) > 2 and os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    x = tokens(256)
+    again = Llama.from_pretrained(out)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (again(x) - hf(x).logits).abs().max().item() <= 1e-5
+    assert (back(x).logits - hf(x).logits).abs().max().item() <= 1e-5
+
+
+def test_rope_parameters_and_rope_scaling_spellings(tmp_path):
+    """Both config.json spellings of RoPE settings give the same model."""
+    path = str(tmp_path / "m")
+    make_hf("llama31", path)
+    d = json.load(open(os.path.join(path, "config.json")))
+    rope = d.get("rope_parameters") or {**d["rope_scaling"], "rope_theta": d["rope_theta"]}
+    old = {k: v for k, v in d.items() if k != "rope_parameters"}
+    old.update(rope_theta=rope["rope_theta"], rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"})
+    new = {k: v for k, v in d.items() if k not in ("rope_scaling", "rope_theta")}
+    new["rope_parameters"] = rope
+    a, b = LlamaConfig.from_hf(old), LlamaConfig.from_hf(new)
+    assert a.rope_theta == b.rope_theta == 500000.0
+    assert a.rope_scaling["factor"] == b.rope_scaling["factor"] == 8.0
+
+
+def test_misplaced_rope_layout_is_caught(tmp_path):
+    """The parity test can fail: Meta's interleaved q/k row order (the classic conversion bug)
+    changes the logits far beyond the tolerance."""
+    path = str(tmp_path / "m")
+    hf = make_hf("llama3", path)
+    ours = Llama.from_pretrained(path)
+    with torch.no_grad():
+        w = ours.layers[0].self_attn.q_proj.weight
+        n, hd = 4, w.shape[0] // 4
+        w.copy_(w.view(n, hd // 2, 2, -1).transpose(1, 2).reshape_as(w))
+        x = tokens(256)
+        assert (ours(x) - hf(x).logits).abs().max().item() > 1e-2
+
+
+@torch.no_grad()
+def test_missing_rope_scaling_is_caught(tmp_path):
+    """Likewise for llama3 RoPE scaling: ignoring it changes the logits measurably."""
+    path = str(tmp_path / "m")
+    hf = make_hf("llama32", path)
+    ours = Llama.from_pretrained(path)
+    ours.cfg.rope_scaling, ours._inv_freq = None, None
+    x = tokens(256, T=64)
+    assert (ours(x) - hf(x).logits).abs().max().item() > 1e-2
+
+
+@torch.no_grad()
+def test_packed_documents_equal_separate_forwards(tmp_path):
+    path = str(tmp_path / "m")
+    make_hf("qwen2", path)
+    model = Llama.from_pretrained(path).eval()
+    docs = [tokens(256, 1, T, seed=T)[0] for T in (5, 11, 7)]
+    ids = torch.cat(docs)[None]
+    pos = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    doc = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
+    packed = model(ids, position_ids=pos, doc_ids=doc)[0]
+    alone = torch.cat([model(d[None])[0] for d in docs])
+    assert (packed - alone).abs().max().item() <= 1e-5
+
+
+# ---- corrupt or unsupported checkpoints: one clear error naming the problem
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    path = str(tmp_path / "m")
+    make_hf("llama3", path)
+    return path
+
+
+def rewrite(path, fn):
+    f = os.path.join(path, "model.safetensors")
+    sd = load_file(f)
+    fn(sd)
+    save_file(sd, f, metadata={"format": "pt"})
+
+
+def test_missing_tensor(ckpt):
+    rewrite(ckpt, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match="missing .*layers.1.mlp.up_proj.weight"):
+        Llama.from_pretrained(ckpt)
+
+
+def test_unexpected_tensor(ckpt):
+    rewrite(ckpt, lambda sd: sd.__setitem__("model.layers.0.extra.weight", torch.zeros(2)))
+    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.extra.weight'"):
+        Llama.from_pretrained(ckpt)
+
+
+def test_misshaped_tensor(ckpt):
+    rewrite(ckpt, lambda sd: sd.__setitem__("model.norm.weight", torch.zeros(63)))
+    with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(63,\), expected \(64,\)"):
+        Llama.from_pretrained(ckpt)
+
+
+def test_truncated_file(ckpt):
+    f = os.path.join(ckpt, "model.safetensors")
+    data = open(f, "rb").read()
+    open(f, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors: cannot read safetensors"):
+        Llama.from_pretrained(ckpt)
+
+
+def test_missing_config(ckpt):
+    os.remove(os.path.join(ckpt, "config.json"))
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        Llama.from_pretrained(ckpt)
+
+
+def test_unsupported_config_fields(ckpt):
+    f = os.path.join(ckpt, "config.json")
+    d = json.load(open(f))
+    for bad, msg in [({"use_sliding_window": True}, "sliding-window"), ({"model_type": "mistral"}, "mistral"),
+                     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None}, "yarn"),
+                     ({"hidden_act": "gelu"}, "gelu")]:
+        json.dump({**d, **bad}, open(f, "w"))
+        with pytest.raises(ValueError, match=msg):
+            Llama.from_pretrained(ckpt)
+
+
+def test_atomic_save_keeps_old_checkpoint_on_failure(ckpt, tmp_path, monkeypatch):
+    model = Llama.from_pretrained(ckpt)
+    out = str(tmp_path / "out")
+    model.save_pretrained(out)
+    before = open(os.path.join(out, "model.safetensors"), "rb").read()
+    import model as model_mod
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(model_mod, "save_file", boom)
+    with pytest.raises(OSError):
+        model.save_pretrained(out)
+    assert open(os.path.join(out, "model.safetensors"), "rb").read() == before
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
