@@ -1,0 +1,378 @@
+"""
+Tokenizer and chat-template tests, against transformers as the oracle. No downloads: a tiny
+byte-level BPE is trained on the spot, wrapped as a transformers PreTrainedTokenizerFast with each
+checkpoint's special tokens and chat template, saved with transformers, and loaded with ours.
+
+    python -m pytest tests/test_tokenizer.py -v
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from tokenizer import TULU_TEMPLATE, Tokenizer, tokenize_conversation, train_tokenizer  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+# Meta-Llama-3-8B-Instruct's chat_template
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+# Qwen2.5-Instruct's chat_template (ChatML, with its tool-calling branches)
+CHATML_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- message.content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+# Exercises the rest of transformers' jinja environment: trim_blocks/lstrip_blocks on an indented
+# multi-line template, loopcontrols, namespace, tojson (no HTML escaping), strftime_now,
+# raise_exception, the {% generation %} tag, and a non-standard *_token variable.
+FEATURES_TEMPLATE = """{% set ns = namespace(n=0) %}
+{% for message in messages %}
+    {% if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{ raise_exception('unknown role ' + message['role']) }}
+    {% endif %}
+    {% if message['role'] == 'system' %}{% continue %}{% endif %}
+    {% set ns.n = ns.n + 1 %}
+    <{{ ns.n }}:{{ message['role'] }}>
+    {% if message['role'] == 'assistant' %}
+        {% generation %}{{ message['content'] + eos_token }}{% endgeneration %}
+    {% else %}
+        {{ message['content'] }} {{ message | tojson }}
+    {% endif %}
+    {% if ns.n > 5 %}{% break %}{% endif %}
+{% endfor %}
+[{{ strftime_now('%Y') }}|{{ bos_token }}|{{ tools }}|{{ image_token }}]
+{% if add_generation_prompt %}<gen>{% endif %}"""
+
+# Prefix-unstable (like Qwen3's): earlier assistant turns lose their <think> block
+THINK_TEMPLATE = (
+    "{% for m in messages %}{% set c = m['content'] %}"
+    "{% if m['role'] == 'assistant' and not loop.last %}{% set c = c.split('</think>')[-1] %}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + c + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SPECIALS = ["<|endoftext|>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+            "<|eot_id|>", "<|im_start|>", "<|im_end|>", "<pad>", "<image>"]
+
+# name -> (template or None for a checkpoint without one, tokenizer_config special tokens, generation_config eos)
+CHECKPOINTS = {
+    "tulu": (None, dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", pad_token="<pad>"), None),
+    "llama3": (LLAMA3_TEMPLATE, dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"),
+               ["<|end_of_text|>", "<|eot_id|>"]),
+    "chatml": (CHATML_TEMPLATE, dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
+               ["<|im_end|>", "<|endoftext|>"]),
+}
+
+CONVERSATIONS = [
+    [{"role": "system", "content": "You are a terse assistant."},
+     {"role": "user", "content": "What is 2 + 3?"},
+     {"role": "assistant", "content": "2 + 3 = 5."},
+     {"role": "user", "content": "And times 4?\nShow it."},
+     {"role": "assistant", "content": "(2 + 3) * 4 = 20.\nDone!"},
+     {"role": "user", "content": "Naïve café 🙂?"},
+     {"role": "assistant", "content": "Oui, très naïve 🙂."}],
+    [{"role": "user", "content": "Say hi."},
+     {"role": "assistant", "content": "Hi."}],
+    [{"role": "system", "content": "Be kind."},
+     {"role": "user", "content": "Tell me a story."},
+     {"role": "assistant", "content": "Once upon a time, a cat ran fast."},
+     {"role": "user", "content": "Thanks!"}],
+]
+
+CORPUS = [m["content"] for c in CONVERSATIONS for m in c] * 3 + [
+    "The quick brown fox jumps over the lazy dog. 0123456789 <|user|> <|assistant|> <|system|> user assistant",
+] * 5
+
+
+@pytest.fixture(scope="module")
+def base():
+    # one tiny byte-level BPE shared by every checkpoint below
+    return train_tokenizer(CORPUS, 400, SPECIALS)
+
+
+@pytest.fixture(scope="module")
+def ckpts(base, tmp_path_factory):
+    # name -> (directory saved by transformers, the transformers tokenizer)
+    out = {}
+    for name, (template, special, gen_eos) in CHECKPOINTS.items():
+        hf = transformers.PreTrainedTokenizerFast(tokenizer_object=base.tok, **special)
+        if template is not None:
+            hf.chat_template = template
+        path = str(tmp_path_factory.mktemp(name))
+        hf.save_pretrained(path)
+        if gen_eos is not None:
+            with open(os.path.join(path, "generation_config.json"), "w") as f:
+                json.dump({"eos_token_id": [base.token_to_id(t) for t in gen_eos]}, f)
+        out[name] = (path, transformers.AutoTokenizer.from_pretrained(path))
+    return out
+
+
+def hf_render(hf, name, messages, **kw):
+    # the Tülu checkpoint has no template of its own; transformers gets Tülu's explicitly
+    template = TULU_TEMPLATE if CHECKPOINTS[name][0] is None else None
+    return hf.apply_chat_template(messages, chat_template=template, **kw)
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_render_matches_transformers(ckpts, name):
+    path, hf = ckpts[name]
+    tok = Tokenizer.from_pretrained(path)
+    assert tok.chat_template == (CHECKPOINTS[name][0] or TULU_TEMPLATE)
+    for conv in CONVERSATIONS:
+        for gen in (False, True):
+            for n in range(1, len(conv) + 1):  # every prefix, so single-turn and final-user cases too
+                ours = tok.apply_chat_template(conv[:n], add_generation_prompt=gen)
+                assert ours == hf_render(hf, name, conv[:n], add_generation_prompt=gen, tokenize=False)
+                ids = tok.apply_chat_template(conv[:n], add_generation_prompt=gen, tokenize=True)
+                assert ids == hf_render(hf, name, conv[:n], add_generation_prompt=gen, return_dict=False)
+    # templates see the special tokens: Llama 3 starts with BOS, Tülu ends each assistant turn with EOS
+    if name == "llama3":
+        assert ours.startswith("<|begin_of_text|><|start_header_id|>system")
+    if name == "tulu":
+        assert tok.apply_chat_template(CONVERSATIONS[1]) == "<|user|>\nSay hi.\n<|assistant|>\nHi.<|end_of_text|>"
+
+
+def test_chatml_tools_and_features_match_transformers(ckpts, base):
+    path, hf = ckpts["chatml"]
+    tok = Tokenizer.from_pretrained(path)
+    tools = [{"type": "function", "function": {"name": "add", "description": "a <b> & 'c' é",
+                                                "parameters": {"type": "object", "properties": {}}}}]
+    conv = CONVERSATIONS[0][1:3] + [
+        {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "add", "arguments": {"a": 1}}}]},
+        {"role": "tool", "content": "3"}]
+    for gen in (False, True):
+        ours = tok.apply_chat_template(conv, add_generation_prompt=gen, tools=tools)
+        assert ours == hf.apply_chat_template(conv, add_generation_prompt=gen, tools=tools, tokenize=False)
+    assert '"description": "a <b> & \'c\' é"' in ours  # tojson without HTML escaping or \u escapes
+
+    # the rest of the environment, on a tokenizer with an extra named special token
+    hf2 = transformers.PreTrainedTokenizerFast(tokenizer_object=base.tok, bos_token="<|begin_of_text|>",
+                                               eos_token="<|eot_id|>", extra_special_tokens={"image_token": "<image>"})
+    hf2.chat_template = FEATURES_TEMPLATE
+    hf2.save_pretrained(path + "_features")
+    hf2 = transformers.AutoTokenizer.from_pretrained(path + "_features")
+    tok2 = Tokenizer.from_pretrained(path + "_features")
+    conv = CONVERSATIONS[0] * 2  # long enough to hit {% break %}
+    for gen in (False, True):
+        ours = tok2.apply_chat_template(conv, add_generation_prompt=gen)
+        assert ours == hf2.apply_chat_template(conv, add_generation_prompt=gen, tokenize=False)
+    assert "|<image>]" in ours and "<6:assistant>" in ours and "<7:" not in ours
+    with pytest.raises(Exception, match="unknown role narrator"):
+        tok2.apply_chat_template([{"role": "narrator", "content": "x"}])
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_save_pretrained_round_trip(ckpts, name, tmp_path):
+    path, _ = ckpts[name]
+    tok = Tokenizer.from_pretrained(path)
+    tok.save_pretrained(str(tmp_path))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))  # reads our files
+    back = Tokenizer.from_pretrained(str(tmp_path))
+    assert back.special_tokens == tok.special_tokens and back.chat_template == tok.chat_template
+    text = "Hello naïve 🙂 world<|im_end|> and <|eot_id|>"
+    assert hf.encode(text, add_special_tokens=False) == tok.encode(text) == back.encode(text)
+    for conv in CONVERSATIONS:
+        for gen in (False, True):
+            ours = tok.apply_chat_template(conv, add_generation_prompt=gen)
+            # the Tülu fallback is now the checkpoint's own template: no chat_template= needed
+            assert hf.apply_chat_template(conv, add_generation_prompt=gen, tokenize=False) == ours
+            assert back.apply_chat_template(conv, add_generation_prompt=gen) == ours
+
+
+def expected_pieces(name, conv, eos):
+    # An independent construction of the rendered text: (piece, trained?) per template, written out
+    # by hand from each template's definition. The trained pieces are each assistant's content + EOS.
+    pieces = []
+    if name == "chatml" and conv[0]["role"] != "system":  # Qwen's default system prompt
+        pieces.append(("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+                       "<|im_end|>\n", False))
+    for i, m in enumerate(conv):
+        role, c, last = m["role"], m["content"], i == len(conv) - 1
+        a = role == "assistant"
+        if name == "tulu":
+            pieces += [(f"<|{role}|>\n", False), (c, a)]
+            pieces += [(eos, True)] + ([] if last else [("\n", False)]) if a else [("\n", False)]
+        elif name == "llama3":
+            bos = "<|begin_of_text|>" if i == 0 else ""
+            pieces += [(f"{bos}<|start_header_id|>{role}<|end_header_id|>\n\n", False), (c, a), ("<|eot_id|>", a)]
+        else:
+            pieces += [(f"<|im_start|>{role}\n", False), (c, a), ("<|im_end|>", a), ("\n", False)]
+    return pieces
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_assistant_mask_is_exact(ckpts, name):
+    path, hf = ckpts[name]
+    tok = Tokenizer.from_pretrained(path)
+    for conv in CONVERSATIONS:
+        ids, mask = tokenize_conversation(tok, conv)
+        assert ids == hf_render(hf, name, conv, return_dict=False) and len(mask) == len(ids)
+        # 1) tokenizing each piece alone and concatenating gives the same ids, so the pieces' flags
+        #    give the expected mask token by token
+        pieces = expected_pieces(name, conv, tok.eos_token)
+        assert "".join(p for p, _ in pieces) == tok.apply_chat_template(conv)
+        want_ids, want_mask = [], []
+        for p, trained in pieces:
+            pid = tok.encode(p)
+            want_ids += pid
+            want_mask += [trained] * len(pid)
+        assert want_ids == ids
+        assert mask == want_mask
+        # 2) the trained runs decode to exactly each assistant's content + EOS, in order
+        runs, prev = [], False
+        for t, m in zip(ids, mask):
+            if m and not prev:
+                runs.append([])
+            if m:
+                runs[-1].append(t)
+            prev = m
+        assert [tok.decode(r) for r in runs] == [m["content"] + tok.eos_token for m in conv if m["role"] == "assistant"]
+        assert all(tok.decode([t]) == tok.eos_token for t, m in zip(ids, mask) if m and t in tok.eos_token_ids)
+        # 3) truncation keeps ids and mask aligned
+        ids8, mask8 = tokenize_conversation(tok, conv, max_len=8)
+        assert ids8 == ids[:8] and mask8 == mask[:8]
+
+
+def test_mask_refuses_prefix_unstable_templates(base):
+    tok = Tokenizer(base.tok, {"eos_token": "<|im_end|>"}, THINK_TEMPLATE)
+    ok = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>hm</think>hello"}]
+    ids, mask = tokenize_conversation(tok, ok)  # one assistant turn, the last: stable
+    assert sum(mask) > 0
+    with pytest.raises(ValueError, match=r"not prefix-stable at messages\[1\]"):
+        tokenize_conversation(tok, ok + ok)
+    with pytest.raises(ValueError, match="messages\\[0\\] is an assistant turn"):
+        tokenize_conversation(tok, ok[1:])
+
+
+def test_special_tokens_and_eos_ids(ckpts, base, tmp_path):
+    llama = Tokenizer.from_pretrained(ckpts["llama3"][0])
+    eot, eot_text = base.token_to_id("<|eot_id|>"), base.token_to_id("<|end_of_text|>")
+    assert llama.eos_token == "<|eot_id|>" and llama.eos_id == eot
+    assert llama.eos_token_ids == [eot, eot_text]  # tokenizer's eos first, then generation_config's
+    assert llama.bos_id == base.token_to_id("<|begin_of_text|>")
+    assert llama.pad_id == eot  # no pad token: falls back to EOS
+    tulu = Tokenizer.from_pretrained(ckpts["tulu"][0])
+    assert tulu.eos_token_ids == [base.token_to_id("<|end_of_text|>")] and tulu.pad_id == base.token_to_id("<pad>")
+    chatml = Tokenizer.from_pretrained(ckpts["chatml"][0])
+    assert chatml.bos_token is None and chatml.bos_id is None
+    assert chatml.vocab_size == len(ckpts["chatml"][1]) == 400
+
+    # older layout: special tokens as AddedToken dicts, eos only in special_tokens_map.json,
+    # generation_config eos as a single int, and config.json's eos list
+    d = tmp_path / "old"
+    d.mkdir()
+    base.tok.save(str(d / "tokenizer.json"))
+    added = lambda t: {"__type": "AddedToken", "content": t, "lstrip": False, "normalized": False, "rstrip": False}  # noqa: E731
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": added("<|begin_of_text|>"), "eos_token": None}))
+    (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": added("<|end_of_text|>"), "bos_token": "x"}))
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": eot}))
+    (d / "config.json").write_text(json.dumps({"eos_token_id": [eot_text, base.token_to_id("<|im_end|>")]}))
+    old = Tokenizer.from_pretrained(str(d))
+    assert old.bos_token == "<|begin_of_text|>" and old.eos_token == "<|end_of_text|>"  # config wins over the map
+    assert old.eos_token_ids == [eot_text, eot, base.token_to_id("<|im_end|>")]
+    assert old.chat_template == TULU_TEMPLATE
+    text = "Naïve café 🙂 <|eot_id|>!"
+    assert old.decode(old.encode(text)) == text and old.decode(old.encode(text), skip_special_tokens=True) == "Naïve café 🙂 !"
+
+
+def test_clear_errors(ckpts, tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
+        Tokenizer.from_pretrained(str(tmp_path))
+    path = ckpts["llama3"][0]
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes(open(os.path.join(path, "tokenizer.json"), "rb").read())
+    (d / "tokenizer_config.json").write_text('{"eos_token": "<|eot_id|>",\n "bos_token": }')
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: invalid JSON at line 2"):
+        Tokenizer.from_pretrained(str(d))
+    (d / "tokenizer_config.json").write_text('{"eos_token": "<|not_a_token|>"}')
+    with pytest.raises(ValueError, match="eos_token='<|not_a_token|>' is not in the tokenizer"):
+        Tokenizer.from_pretrained(str(d))
+    (d / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no EOS token"):
+        Tokenizer.from_pretrained(str(d))
+    (d / "generation_config.json").write_text('{"eos_token_id": 100000}')
+    with pytest.raises(ValueError, match="eos_token_id 100000 is outside the vocabulary"):
+        Tokenizer.from_pretrained(str(d))
+    with pytest.raises(ValueError, match="empty conversation"):
+        Tokenizer.from_pretrained(path).apply_chat_template([])
+
+
+def test_train_tokenizer_is_deterministic(base):
+    assert base.eos_token == "<|endoftext|>" and base.pad_id == base.eos_id == base.token_to_id("<|endoftext|>") == 0
+    assert base.chat_template == TULU_TEMPLATE and base.vocab_size == 400
+    # special tokens are single tokens; byte-level BPE round-trips any text
+    assert base.encode("<|im_start|>x") == [base.token_to_id("<|im_start|>"), *base.encode("x")]
+    text = "héllo\n\n  wörld\t🙂 <|endoftext|>"
+    assert base.decode(base.encode(text)) == text
+    # same input -> same tokenizer.json, in this process and in a fresh one (Rust hash seeds differ)
+    digest = hashlib.sha256(train_tokenizer(CORPUS, 400, SPECIALS).tok.to_str().encode()).hexdigest()
+    assert digest == hashlib.sha256(base.tok.to_str().encode()).hexdigest()
+    code = ("import hashlib, json, sys, tokenizer; texts, specials = json.load(sys.stdin); "
+            "print(hashlib.sha256(tokenizer.train_tokenizer(texts, 400, specials).tok.to_str().encode()).hexdigest())")
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps([CORPUS, SPECIALS]), capture_output=True,
+                         text=True, check=True, cwd=root)
+    assert out.stdout.strip() == digest
