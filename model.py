@@ -318,9 +318,10 @@ class Llama(nn.Module):
         model.load_state_dict(sd, strict=True, assign=True)
         return model
 
-    def save_pretrained(self, path, state_dict=None, max_shard_bytes=5 * 2**30, dtype=None):
+    def save_pretrained(self, path, state_dict=None, max_shard_bytes=5 * 2**30, dtype=None, atomic=True):
         """Writes config.json and HF-named safetensors (sharded with an index past max_shard_bytes),
-        atomically: everything goes to a temp dir next to `path`, which is then renamed into place.
+        atomically: everything goes to a temp dir next to `path`, which is then renamed into place
+        (atomic=False writes straight into `path`, for callers that swap a whole directory themselves).
         `state_dict` lets FSDP callers pass the gathered full state dict (rank 0 only)."""
         sd = self.state_dict() if state_dict is None else state_dict
         sd = {("" if k.startswith("lm_head.") else "model.") + k: v.detach().to("cpu", dtype or v.dtype).contiguous()
@@ -337,7 +338,11 @@ class Llama(nn.Module):
         shards.append(cur)
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path))
+        if atomic:
+            tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path))
+        else:
+            tmp = path
+            os.makedirs(tmp, exist_ok=True)
         try:
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(self.cfg.to_hf(dtype), f, indent=2)
@@ -353,9 +358,11 @@ class Llama(nn.Module):
                 total = sum(v.numel() * v.element_size() for v in sd.values())
                 with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-            replace_dir(tmp, path)
+            if atomic:
+                replace_dir(tmp, path)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if atomic:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
 
 
