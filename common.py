@@ -1,0 +1,266 @@
+"""
+Plumbing shared by sft.py, dpo.py and ppo_rlvr.py, written once: distributed setup and FSDP2,
+loading a checkpoint onto the device mesh, AdamW + schedule, per-token log-probs through the fused
+kernel, checkpoints that are written atomically and resume exactly, and metrics to metrics.jsonl.
+
+One code path for 1 and N processes: under torchrun every rank runs the same lines; on a single
+CPU process the model is a plain fp32 module (no process group), on CUDA it is always FSDP2-sharded
+(at world size 1 too) so that the precision policy is the same everywhere:
+params fp32 (master weights), compute in bf16, gradient reduction in fp32.
+"""
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import Llama, replace_dir
+
+IGNORE = -100  # target id that is not trained on (prompt, user turns, padding)
+
+# -----------------------------------------------------------------------------
+# distributed
+
+
+def init_distributed():
+    """-> (rank, world, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a lone CUDA process still
+    gets a 1-rank group so that it can use FSDP2 like the N-GPU run."""
+    if "RANK" not in os.environ and torch.cuda.is_available():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(29500 + os.getpid() % 1000))
+    if "RANK" in os.environ:
+        cuda = torch.cuda.is_available()
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, torch.device("cpu")
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def print0(*args, **kw):
+    if not is_dist() or dist.get_rank() == 0:
+        print(*args, **kw, flush=True)
+
+
+def all_reduce(x, op="sum"):
+    """Sum (or max) of a float/tensor over ranks; identity on one process. Every rank must call it."""
+    t = torch.as_tensor(x, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t if torch.is_tensor(x) else t.item()
+
+
+def cleanup():
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# model on the device: load, shard, and gather back
+
+
+def load_model(path, device, requires_grad=True, grad_checkpoint=False):
+    """Loads an HF checkpoint for training. CPU single process: fp32 module. CUDA / torchrun: built on
+    the meta device, FSDP2-sharded per block and at the root, then filled from rank 0's full state
+    dict by broadcast, so no rank ever holds a second full copy on the GPU."""
+    if not is_dist():
+        model = Llama.from_pretrained(path, device=device, dtype=torch.float32)
+        model.grad_checkpoint = grad_checkpoint
+        return model.requires_grad_(requires_grad)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    full = Llama.from_pretrained(path, device="cpu") if dist.get_rank() == 0 else None
+    cfg = full.cfg if full is not None else None
+    obj = [cfg]
+    dist.broadcast_object_list(obj, src=0)  # the config is small: every rank builds the same module
+    with torch.device("meta"):
+        model = Llama(obj[0])
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()  # CPU/gloo: plain fp32
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    model.to_empty(device=device)
+    sd = full.state_dict() if full is not None else {}
+    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full, sd
+    model.grad_checkpoint = grad_checkpoint
+    return model.requires_grad_(requires_grad)
+
+
+def full_state_dict(model):
+    """The full (unsharded) state dict on CPU, on rank 0 (other ranks get {}). Collective under FSDP."""
+    if not is_dist():
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# -----------------------------------------------------------------------------
+# optimizer and schedule
+
+
+def build_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999)):
+    """AdamW; no decay on norms and biases (1-D tensors), as is customary."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+def lr_at(step, total, lr, warmup, kind="linear"):
+    """Linear warmup over `warmup` steps, then linear or cosine decay to 0 at `total`, or constant."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if kind == "constant":
+        return lr
+    frac = (step - warmup) / max(1, total - warmup)
+    return lr * max(0.0, 1 - frac) if kind == "linear" else lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+# -----------------------------------------------------------------------------
+# log-probs of target tokens from the final hidden states, never a full fp32 (B, T, V)
+
+
+def token_logprobs(model, input_ids, targets, temperature=1.0, **fw):
+    """log p(targets[b, t] | input_ids[b, :t+1]) as (B, T) fp32; 0 where targets == IGNORE.
+    The output projection and log-softmax are fused (kernels/): on CUDA a Triton kernel that
+    streams over the vocabulary, on the CPU a chunked PyTorch reference."""
+    from kernels import fused_linear_logprobs
+    h = model(input_ids, return_hidden=True, **fw)  # (B, T, C)
+    B, T, C = h.shape
+    logp = fused_linear_logprobs(h.reshape(B * T, C), model.lm_head_weight, targets.reshape(B * T),
+                                 temperature=temperature, ignore_index=IGNORE)
+    return logp.view(B, T)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: the output directory is itself an HF checkpoint plus train_state.pt
+
+
+def save_checkpoint(out, model, tokenizer, optimizer=None, state=None, dtype=None):
+    """Writes `out` as an HF checkpoint (config, safetensors, tokenizer) plus, for resuming,
+    train_state.pt (optimizer, step, data position, RNG, ...). Atomic: everything is written to a
+    temp dir, the run's logs are copied in, and the directory is swapped in whole, so a crash
+    mid-save leaves the last good checkpoint. Collective under FSDP: every rank must call it."""
+    sd = full_state_dict(model)
+    osd = None
+    if optimizer is not None:
+        if is_dist():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            osd = get_optimizer_state_dict(model, optimizer,
+                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            osd = optimizer.state_dict()
+    if not is_dist() or dist.get_rank() == 0:
+        parent = os.path.dirname(os.path.abspath(out))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(out))
+        try:
+            raw = model.module if hasattr(model, "module") else model
+            raw.save_pretrained(tmp, state_dict=sd, dtype=dtype, atomic=False)
+            tokenizer.save_pretrained(tmp)
+            if optimizer is not None:
+                rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+                torch.save({"optimizer": osd, "rng": rng, **(state or {})}, os.path.join(tmp, "train_state.pt"))
+            if os.path.isdir(out):  # keep the run's logs, which live beside the checkpoint
+                for f in os.listdir(out):
+                    if f.endswith((".jsonl", ".json")) and f not in os.listdir(tmp):
+                        shutil.copy2(os.path.join(out, f), tmp)
+            replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if is_dist():
+        dist.barrier()  # nobody reads the checkpoint before it is complete
+
+
+def find_checkpoint(out):
+    """The directory to resume from: `out`, or `out.old` if a crash hit between the two renames."""
+    for d in (out, out + ".old"):
+        if os.path.isfile(os.path.join(d, "train_state.pt")) and os.path.isfile(os.path.join(d, "config.json")):
+            return d
+    return None
+
+
+def load_train_state(ckpt, model, optimizer):
+    """Restores optimizer and RNG from ckpt/train_state.pt; returns the rest of the saved state."""
+    st = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)
+    if is_dist():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, st["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        optimizer.load_state_dict(st["optimizer"])
+    random.setstate(st["rng"]["python"])
+    np.random.set_state(st["rng"]["numpy"])
+    torch.set_rng_state(st["rng"]["torch"])
+    return st
+
+
+def log_metrics(out, row):
+    """Appends one JSON line to out/metrics.jsonl (rank 0)."""
+    if is_dist() and dist.get_rank() != 0:
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def write_json(path, obj):
+    if is_dist() and dist.get_rank() != 0:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# held-out accuracy: greedy generation scored by the verifiers
+
+
+@torch.no_grad()
+def evaluate(model, tok, rows, max_new_tokens=64, batch_size=256, desc="eval"):
+    """Greedy-decodes every RLVR row's prompt and scores it with verifiers.verify.
+    -> {"accuracy", "n", "per_task": {dataset: {"accuracy", "n"}}}. Rows are split rank-strided;
+    generation runs in lockstep across ranks; the counts are summed over ranks."""
+    from data import encode_prompt
+    from model import generate
+    from verifiers import verify
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
+    mine = rows[rank::world]
+    was_training = model.training
+    model.eval()
+    prompts = [encode_prompt(tok, r["messages"]) for r in mine]
+    outs, _ = generate(model, prompts, max_new_tokens, temperature=0.0, eos_token_ids=tok.eos_token_ids,
+                       batch_size=batch_size)
+    model.train(was_training)
+    names = sorted({r["dataset"] for r in rows})
+    score = torch.zeros(len(names), 2, dtype=torch.float64)  # (correct, n) per dataset
+    for r, out in zip(mine, outs):
+        s = verify(r["dataset"], tok.decode(out, skip_special_tokens=True), r["ground_truth"])
+        score[names.index(r["dataset"])] += torch.tensor([s, 1.0])
+    score = all_reduce(score)
+    per = {n: {"accuracy": (c / max(k, 1)).item(), "n": int(k)} for n, (c, k) in zip(names, score)}
+    total = score.sum(0)
+    return {"accuracy": (total[0] / max(total[1], 1)).item(), "n": int(total[1]), "per_task": per}

@@ -1,0 +1,182 @@
+"""
+Data for the three stages: JSONL readers for the formats people already have, a dataset mixer,
+tokenization with assistant-only targets, and padded or packed batches.
+
+  SFT          {"messages": [{"role", "content"}, ...]}                        (Tülu 3 SFT mixture)
+  preferences  {"chosen": [messages], "rejected": [messages]}  or
+               {"prompt": str | [messages], "chosen": str | [messages], "rejected": ...}
+  RLVR         {"messages": [...], "ground_truth": ..., "dataset": "gsm8k" | "math" | "ifeval" | ...}
+
+Files may be .jsonl or .jsonl.gz; a mixture is "a.jsonl:1.0 b.jsonl:5000" (a float takes that
+fraction of a file, an int that many rows), like Tülu's dataset mixer. Bad input is one clear error
+naming file and line, or with skip_bad=True a counted skip reported by the caller.
+"""
+import gzip
+import json
+import os
+import random
+
+import torch
+
+from common import IGNORE
+from tokenizer import tokenize_conversation
+
+ROLES = {"system", "user", "assistant"}
+
+# -----------------------------------------------------------------------------
+# reading and validating rows
+
+
+class DataError(ValueError):
+    pass
+
+
+def read_jsonl(path):
+    """Yields (where, row) with where = "file:line"; an empty file or a malformed line is an error."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    opener = gzip.open if path.endswith(".gz") else open
+    n = 0
+    with opener(path, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            n += 1
+            yield f"{path}:{i}", row
+    if n == 0:
+        raise DataError(f"{path}: empty file")
+
+
+def check_messages(msgs, where, need_assistant=True):
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: messages must be a non-empty list")
+    for m in msgs:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            role = m.get("role") if isinstance(m, dict) else m
+            raise DataError(f"{where}: bad message (role {role!r}; roles are {sorted(ROLES)}, content a string)")
+    if need_assistant and not any(m["role"] == "assistant" for m in msgs):
+        raise DataError(f"{where}: conversation has no assistant turn")
+    return msgs
+
+
+def sft_row(row, where):
+    return check_messages(row.get("messages"), where)
+
+
+def pref_row(row, where):
+    """-> (chosen messages, rejected messages); both must share the same prompt (all but the last turn)."""
+    c, r = row.get("chosen"), row.get("rejected")
+    if c is None or r is None:
+        raise DataError(f"{where}: a preference row needs 'chosen' and 'rejected'")
+    if "prompt" in row:  # {"prompt", "chosen", "rejected"}: strings or message lists
+        p = row["prompt"]
+        p = [{"role": "user", "content": p}] if isinstance(p, str) else p
+        wrap = lambda x: [{"role": "assistant", "content": x}] if isinstance(x, str) else x  # noqa: E731
+        c, r = p + wrap(c), p + wrap(r)
+    check_messages(c, where)
+    check_messages(r, where)
+    if c[:-1] != r[:-1] or c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
+        raise DataError(f"{where}: chosen and rejected must share the same prompt and end with an assistant turn")
+    return c, r
+
+
+def rlvr_row(row, where):
+    msgs = check_messages(row.get("messages"), where, need_assistant=False)
+    if msgs[-1]["role"] == "assistant":  # open-instruct rows sometimes carry the reference answer
+        msgs = msgs[:-1]
+    if "ground_truth" not in row or "dataset" not in row:
+        raise DataError(f"{where}: an RLVR row needs 'ground_truth' and 'dataset'")
+    return {"messages": msgs, "ground_truth": row["ground_truth"], "dataset": row["dataset"]}
+
+
+def load_mixture(specs, parse, seed=0, skip_bad=False):
+    """specs: ["a.jsonl:1.0", "b.jsonl.gz:5000", "c.jsonl"]; parse: sft_row/pref_row/rlvr_row.
+    -> (rows, n_skipped). Fractions/counts are taken from a seeded shuffle of each file."""
+    rows, skipped = [], 0
+    for spec in specs:
+        path, amount = spec, None
+        if ":" in spec and not os.path.isfile(spec):
+            path, amount = spec.rsplit(":", 1)
+        got = []
+        for where, row in read_jsonl(path):
+            try:
+                got.append(parse(row, where))
+            except DataError:
+                if not skip_bad:
+                    raise
+                skipped += 1
+        random.Random(seed).shuffle(got)
+        if amount is not None:
+            try:
+                k = int(amount) if amount.isdigit() else round(float(amount) * len(got))
+            except ValueError:
+                raise DataError(f"{spec}: the amount after ':' must be a row count or a fraction") from None
+            if k > len(got):  # Tülu's mixer also refuses to invent rows
+                raise DataError(f"{spec}: asks for {k} rows, the file has {len(got)} usable rows")
+            got = got[:k]
+        rows += got
+    return rows, skipped
+
+
+# -----------------------------------------------------------------------------
+# tokenization
+
+
+def encode_sft(tok, msgs, max_len, truncate=True):
+    """-> (ids, labels) with labels = ids on assistant tokens, IGNORE elsewhere; None when the example
+    is longer than max_len and truncate is False, or has no trained token left after truncation."""
+    ids, mask = tokenize_conversation(tok, msgs)
+    if len(ids) > max_len:
+        if not truncate:
+            return None
+        ids, mask = ids[:max_len], mask[:max_len]
+    if not any(mask[1:]):  # the first token is never a target
+        return None
+    return ids, [i if m else IGNORE for i, m in zip(ids, mask)]
+
+
+def encode_prompt(tok, msgs):
+    """Prompt token ids ending with the assistant header, for generation."""
+    return tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True))
+
+
+# -----------------------------------------------------------------------------
+# batches: inputs x, next-token targets y (IGNORE where nothing is trained)
+
+
+def pad_batch(examples, pad_id, device="cpu"):
+    """Right-padded: x, y (B, T). y[t] is the label of token t+1, so y = labels shifted left."""
+    T = max(len(ids) for ids, _ in examples)
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for b, (ids, labels) in enumerate(examples):
+        x[b, :len(ids)] = torch.tensor(ids)
+        y[b, :len(ids) - 1] = torch.tensor(labels[1:])
+    return {"input_ids": x.to(device), "targets": y.to(device)}
+
+
+def pack_batch(examples, device="cpu"):
+    """Padding-free: all examples concatenated into one row (1, N) with position_ids restarting per
+    document and doc_ids so that attention never crosses a document boundary. The last token of each
+    document predicts nothing (its target is IGNORE), exactly as in the padded batch."""
+    x, y, pos, doc = [], [], [], []
+    for d, (ids, labels) in enumerate(examples):
+        x += ids
+        y += labels[1:] + [IGNORE]
+        pos += range(len(ids))
+        doc += [d] * len(ids)
+    t = lambda v: torch.tensor([v], dtype=torch.long, device=device)  # noqa: E731
+    return {"input_ids": t(x), "targets": t(y), "position_ids": t(pos), "doc_ids": t(doc)}
+
+
+def epoch_order(n, epoch, seed):
+    """A seeded permutation per epoch: the data order is a function of (seed, epoch), so a resumed
+    run sees exactly the batches the uninterrupted run would have seen."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n, generator=g).tolist()

@@ -1,0 +1,238 @@
+"""
+Supervised fine-tuning, the first stage of Tülu 3 (paper §4): next-token loss on assistant tokens only.
+
+    python sft.py                                   # tiny default on the CPU: trains a small model from
+                                                    # scratch on the built-in tasks, writes out/sft/
+    python sft.py --ckpt path/to/hf --data tulu3_sft.jsonl:1.0 extra.jsonl:5000 --preset tulu3-8b
+    torchrun --standalone --nproc_per_node 8 sft.py --ckpt ... --data ... --preset tulu3-8b
+
+What it does:
+1. The loss is summed over target tokens and divided by the number of target tokens in the whole
+   optimizer step, across micro-batches and ranks: every token weighs the same, whatever the
+   padding, packing or accumulation (the intent of Tülu 3's --reduce_loss sum, without its
+   accumulation bias). --loss-reduction mean gives the common per-micro-batch mean, as an ablation.
+2. Batches are padded, or with --packing padding-free: one row per micro-batch with attention
+   that never crosses a document boundary. Both give the same loss.
+3. AdamW, warmup then linear/cosine decay, gradient clipping. FSDP2 under torchrun (and on any
+   CUDA device); on a CPU process plain fp32.
+4. The output directory is an HF checkpoint (transformers and vLLM load it), rewritten atomically at
+   every --save-every and at the end, with train_state.pt to --resume from and metrics.jsonl.
+"""
+import argparse
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from common import (IGNORE, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint, init_distributed,
+                    load_model, load_train_state, log_metrics, lr_at, print0, save_checkpoint, seed_everything,
+                    write_json)
+from data import DataError, encode_sft, epoch_order, load_mixture, pack_batch, pad_batch, sft_row
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+# what to train
+p.add_argument("--ckpt", default=None, help="HF checkpoint dir to start from (default: a tiny model from scratch)")
+p.add_argument("--data", nargs="*", default=None, help="SFT JSONL files, 'file:fraction' or 'file:count'")
+p.add_argument("--out", default="out/sft")
+p.add_argument("--preset", choices=["tiny", "tulu3-8b"], default="tiny")
+p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+p.add_argument("--seed", type=int, default=0)
+# data
+p.add_argument("--max-len", type=int, default=None)
+p.add_argument("--drop-long", action="store_true", help="drop examples over --max-len instead of truncating")
+p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
+p.add_argument("--packing", action="store_true", help="padding-free packed micro-batches")
+p.add_argument("--val-frac", type=float, default=0.02, help="share of rows held out for validation loss")
+p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end")
+# optimization
+p.add_argument("--epochs", type=float, default=None)
+p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+p.add_argument("--batch-size", type=int, default=None, help="examples per optimizer step, all ranks")
+p.add_argument("--micro-batch-size", type=int, default=None, help="examples per forward, per rank")
+p.add_argument("--lr", type=float, default=None)
+p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default=None)
+p.add_argument("--warmup-ratio", type=float, default=None)
+p.add_argument("--weight-decay", type=float, default=0.0)
+p.add_argument("--grad-clip", type=float, default=1.0)
+p.add_argument("--loss-reduction", choices=["sum", "mean"], default="sum")
+p.add_argument("--grad-checkpoint", action="store_true")
+# logging and checkpoints
+p.add_argument("--eval-every", type=int, default=50, help="validation loss every N steps")
+p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+p.add_argument("--save-dtype", choices=["fp32", "bf16"], default=None)
+args = p.parse_args()
+
+# presets fill whatever was not given on the command line (see README: "Presets")
+PRESETS = {
+    # the tiny default: a ~2M-parameter model from scratch, a few minutes on 2 CPU cores
+    "tiny": dict(epochs=4, batch_size=32, micro_batch_size=32, lr=3e-3, schedule="cosine", warmup_ratio=0.05,
+                 max_len=256, save_dtype="fp32"),
+    # Tülu 3 8B SFT (open-instruct docs/tulu3.md): lr 5e-6 linear, warmup 0.03, wd 0, 2 epochs,
+    # max length 4096, effective batch 128, sum loss
+    "tulu3-8b": dict(epochs=2, batch_size=128, micro_batch_size=1, lr=5e-6, schedule="linear", warmup_ratio=0.03,
+                     max_len=4096, save_dtype="bf16"),
+}
+for k, v in PRESETS[args.preset].items():
+    if getattr(args, k) is None:
+        setattr(args, k, v)
+
+# -----------------------------------------------------------------------------
+# setup
+
+rank, world, device = init_distributed()
+seed_everything(args.seed + rank)
+from tokenizer import Tokenizer  # noqa: E402
+
+held_out = None
+if args.ckpt is None and args.data is None:
+    # the embedded default: built-in tasks, a tokenizer trained on their text, a model from scratch
+    from tasks import make_base_checkpoint, make_tasks
+    sft_rows, _, _, held_out = make_tasks(seed=args.seed)
+    args.ckpt = make_base_checkpoint(os.path.join(os.path.dirname(args.out) or ".", "base"), sft_rows, args.seed)
+elif args.ckpt is None or args.data is None:
+    raise SystemExit("give both --ckpt and --data (or neither, for the built-in tiny default)")
+ckpt = args.ckpt
+resumed = find_checkpoint(args.out) if args.resume else None
+if args.resume and resumed is None:
+    print0(f"--resume: no checkpoint in {args.out}, starting fresh")
+tok = Tokenizer.from_pretrained(ckpt)
+model = load_model(resumed or ckpt, device, grad_checkpoint=args.grad_checkpoint)
+model.train()
+
+# -----------------------------------------------------------------------------
+# data
+
+try:
+    if args.data is not None:
+        rows, n_bad = load_mixture(args.data, sft_row, seed=args.seed, skip_bad=args.skip_bad)
+    else:
+        rows, n_bad = [r["messages"] for r in sft_rows], 0
+    if args.eval_prompts:
+        from data import rlvr_row, read_jsonl
+        held_out = [rlvr_row(r, w) for w, r in read_jsonl(args.eval_prompts)]
+except DataError as e:
+    raise SystemExit(f"error: {e}")
+examples, n_trunc, n_drop = [], 0, 0
+for msgs in rows:
+    ex = encode_sft(tok, msgs, args.max_len, truncate=not args.drop_long)
+    if ex is None:
+        n_drop += 1
+        continue
+    n_trunc += len(ex[0]) == args.max_len
+    examples.append(ex)
+n_val = int(len(examples) * args.val_frac)
+val, train = examples[:n_val], examples[n_val:]
+B, mB = args.batch_size, args.micro_batch_size
+assert B % (mB * world) == 0, f"--batch-size {B} must be a multiple of micro-batch {mB} x world {world}"
+accum = B // (mB * world)
+steps_per_epoch = len(train) // B
+if steps_per_epoch == 0:
+    raise SystemExit(f"error: {len(train)} training examples is fewer than one batch of {B}")
+total = min(math.ceil(args.epochs * steps_per_epoch), args.max_steps or 10**12)
+warmup = int(args.warmup_ratio * total)
+n_params = sum(p.numel() for p in model.parameters())
+print0(f"examples: {len(train)} train, {len(val)} val; {n_bad} bad rows skipped, {n_trunc} truncated, "
+       f"{n_drop} dropped (over --max-len {args.max_len} or nothing to train on)")
+print0(f"model: {n_params / 1e6:.2f}M parameters | world {world} | batch {B} = micro {mB} x accum {accum} x world "
+       f"{world} | {total} steps ({steps_per_epoch}/epoch), warmup {warmup} | device {device}")
+
+
+def micro_batches(step):
+    """This rank's micro-batches of optimizer step `step`: a pure function of (seed, step)."""
+    order = epoch_order(len(train), step // steps_per_epoch, args.seed)
+    i = step % steps_per_epoch
+    idx = order[i * B:(i + 1) * B][rank::world]  # rank-strided
+    for j in range(0, len(idx), mB):
+        exs = [train[k] for k in idx[j:j + mB]]
+        yield pack_batch(exs, device) if args.packing else pad_batch(exs, tok.pad_id, device)
+
+
+def loss_sum(batch):
+    """Summed next-token NLL over the target tokens of a batch, and their count."""
+    from kernels import fused_linear_cross_entropy
+    fw = {k: batch[k] for k in ("position_ids", "doc_ids") if k in batch}
+    h = model(batch["input_ids"], return_hidden=True, **fw)
+    y = batch["targets"].reshape(-1)
+    loss = fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.lm_head_weight, y,
+                                      ignore_index=IGNORE, reduction="sum")
+    return loss, (y != IGNORE).sum()
+
+
+@torch.no_grad()
+def val_loss():
+    """Mean per-token NLL on the validation examples (rank-strided, summed over ranks)."""
+    model.eval()
+    tot, n = 0.0, 0
+    for j in range(rank * mB, len(val), mB * world):
+        loss, k = loss_sum(pad_batch(val[j:j + mB], tok.pad_id, device))
+        tot, n = tot + loss.item(), n + k.item()
+    model.train()
+    tot, n = all_reduce(tot), all_reduce(n)
+    return tot / max(n, 1)
+
+
+# -----------------------------------------------------------------------------
+# training loop
+
+opt = build_optimizer(model, args.lr, args.weight_decay)
+start = 0
+if resumed:
+    start = load_train_state(resumed, model, opt)["step"]
+    print0(f"resumed from {resumed} at step {start}")
+    if rank == 0:  # drop metrics logged after that checkpoint: they are about to be redone
+        mpath = os.path.join(args.out, "metrics.jsonl")
+        if os.path.isfile(mpath):
+            import json
+            keep = [ln for ln in open(mpath) if json.loads(ln).get("step", -1) < start]
+            open(mpath, "w").writelines(keep)
+save_dtype = torch.bfloat16 if args.save_dtype == "bf16" else torch.float32
+bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, desc="sft")
+for step in bar:
+    t0 = time.time()
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, total, args.lr, warmup, args.schedule)
+    mbs = list(micro_batches(step))
+    # count the step's target tokens on all ranks first: each micro-batch's summed loss is divided by
+    # this global count, so the accumulated gradient is the gradient of the step's mean token loss
+    n_tok = all_reduce(sum((b["targets"] != IGNORE).sum().item() for b in mbs))
+    tot = 0.0
+    for mb in mbs:
+        loss, k = loss_sum(mb)
+        if args.loss_reduction == "sum":
+            # FSDP averages gradients over ranks; * world turns that average back into the sum
+            scaled = loss / n_tok * world
+        else:  # ablation: mean over this micro-batch's tokens, then averaged over micro-batches/ranks
+            scaled = loss / k.clamp(min=1) / accum
+        scaled.backward()
+        tot += loss.item()
+    loss_step = all_reduce(tot) / max(n_tok, 1)
+    if not math.isfinite(loss_step):
+        raise SystemExit(f"error: loss is {loss_step} at step {step}; stopping. The last good checkpoint "
+                         f"(if any) is untouched in {args.out}")
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    gnorm = gnorm.full_tensor().item() if hasattr(gnorm, "full_tensor") else gnorm.item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    dt = time.time() - t0
+    row = {"step": step, "loss": loss_step, "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm,
+           "tokens": int(n_tok), "tok_per_s": all_reduce(sum(b["input_ids"].numel() for b in mbs)) / dt}
+    if device.type == "cuda":  # MFU: 6 N flops per token (fwd+bwd), against the H100/H200 bf16 peak
+        row["mfu"] = 6 * n_params * row["tok_per_s"] / (989e12 * world)
+    if val and (step % args.eval_every == 0 or step == total - 1):
+        row["val_loss"] = val_loss()
+    log_metrics(args.out, row)
+    bar.set_postfix(loss=f"{loss_step:.4f}", lr=f"{row['lr']:.1e}", **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}))
+    if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
+        save_checkpoint(args.out, model, tok, opt, {"step": step + 1, "args": vars(args)}, dtype=save_dtype)
+
+save_checkpoint(args.out, model, tok, opt, {"step": total, "args": vars(args)}, dtype=save_dtype)
+write_json(os.path.join(args.out, "args.json"), vars(args))
+if held_out is not None:
+    res = evaluate(model, tok, held_out, max_new_tokens=64)
+    write_json(os.path.join(args.out, "eval.json"), res)
+    print0(f"held-out accuracy {res['accuracy']:.3f} on {res['n']} prompts: "
+           + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in res["per_task"].items()))
+print0(f"saved {args.out}")
+cleanup()
