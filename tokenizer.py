@@ -32,7 +32,7 @@ import jinja2
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Tok
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
 # The Tülu 3 chat template, verbatim from open-instruct (CHAT_TEMPLATES["tulu"] in
 # dataset_processor.py@bf5774953, unchanged at HEAD in dataset_transformation.py), the double
@@ -135,13 +135,15 @@ class Tokenizer:
         self.config = dict(config or {})  # the raw tokenizer_config.json, kept for save_pretrained
         for name, t in self.special_tokens.items():  # the ones we use must exist; others only reach templates
             if name in ("bos_token", "eos_token", "pad_token", "unk_token") and tok.token_to_id(t) is None:
-                raise ValueError(f"special token {name}={t!r} is not in the tokenizer's vocabulary")
+                raise ValueError(f"special token {name}={t!r} (tokenizer_config.json or special_tokens_map.json) "
+                                 "is not in the vocabulary of tokenizer.json")
         # every id generation may stop on: the tokenizer's eos first, then generation_config's
         eos = [tok.token_to_id(self.eos_token)] if self.eos_token else []
         self.eos_token_ids = list(dict.fromkeys(eos + [int(i) for i in eos_token_ids]))
         for i in self.eos_token_ids:
             if not 0 <= i < self.vocab_size:
-                raise ValueError(f"eos_token_id {i} is outside the vocabulary (size {self.vocab_size})")
+                raise ValueError(f"eos_token_id {i} (generation_config.json or config.json) is outside the "
+                                 f"vocabulary of tokenizer.json (size {self.vocab_size})")
         if not self.eos_token_ids:
             raise ValueError("no EOS token: set eos_token in tokenizer_config.json or eos_token_id in generation_config.json")
         # A copy without the post-processor, for character offsets: GPT-2 style ByteLevel
@@ -162,8 +164,8 @@ class Tokenizer:
             raise ValueError(f"{file}: cannot be read by the tokenizers package: {e}") from None
         cfg = _read_json(os.path.join(path, "tokenizer_config.json")) or {}
         smap = _read_json(os.path.join(path, "special_tokens_map.json")) or {}
-        # tokenizer_config.json wins; special_tokens_map.json fills in tokens it leaves unset (both
-        # files agree in every released checkpoint; transformers itself merges them this way).
+        # tokenizer_config.json wins; special_tokens_map.json fills in the tokens it leaves unset
+        # (in released checkpoints the two files agree)
         special = {}
         for k in list(smap) + list(cfg):
             t = _content(cfg.get(k)) or _content(smap.get(k))
@@ -280,11 +282,12 @@ def tokenize_conversation(tok, messages, max_len=None):
     masked each user turn from len(tokens(render(messages[:j]))), and that prefix ends at the EOS
     (the assistant is its last message), so the "\\n" fell into the masked user span; HEAD's span
     ends at the same place. (The Tülu 2 era `encode_with_messages_format` did train that "\\n".)
-    A span without any EOS string is trained whole.
+    An assistant turn without any EOS token is an error.
 
     A token is trained when its characters lie inside a span. EOS tokens are special, so spans end
-    on token boundaries; a span starts mid-token only if the content begins with whitespace that the
-    tokenizer merges with the header's newline, and that token (mostly header) is then not trained.
+    on token boundaries. A span can start mid-token: content beginning with "\n" after a header
+    ending in "\n" can give one "\n\n" token, and a header ending in a space ("assistant: ") gives
+    " Hello". Such a token holds header text, so it is not trained.
     """
     text = tok.apply_chat_template(messages)
     enc = tok._plain.encode(text, add_special_tokens=False)  # ids equal tok.encode(text)
@@ -303,7 +306,11 @@ def tokenize_conversation(tok, messages, max_len=None):
                              "conversation, so the assistant tokens cannot be located")
         s, e = len(head), len(upto)
         ends = [upto.rfind(t, s, e) + len(t) for t in eos_strs if upto.rfind(t, s, e) >= 0]
-        spans.append((s, max(ends) if ends else e))
+        if not ends:  # the model would never learn to stop (a classic silent SFT bug)
+            raise ValueError(f"assistant turn messages[{i}] renders without any EOS token {eos_strs}: set eos_token "
+                             "(tokenizer_config.json) or eos_token_id (generation_config.json) to the template's "
+                             "end-of-turn token")
+        spans.append((s, max(ends)))
     mask, k = [], 0
     for a, b in enc.offsets:  # offsets are (start, end) characters of each token, increasing
         while k < len(spans) and a >= spans[k][1]:
@@ -319,16 +326,24 @@ def tokenize_conversation(tok, messages, max_len=None):
 # a small byte-level BPE, for the tiny default model trained from scratch
 
 
+# the split regex of Llama 3's tokenizer.json (GPT-4's cl100k pattern)
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 def train_tokenizer(texts, vocab_size, special_tokens=("<|endoftext|>",)):
-    """Train a GPT-2 style byte-level BPE on `texts` (any iterable of strings). <|endoftext|> is
+    """Train a byte-level BPE (Llama 3's pre-tokenizer) on `texts` (any iterable of strings). <|endoftext|> is
     EOS and pad (added if missing); the chat template is Tülu's. Deterministic: the same texts and
     vocab_size give the same tokenizer.json."""
     special = list(dict.fromkeys(["<|endoftext|>", *special_tokens]))
     if vocab_size < 256 + len(special):
         raise ValueError(f"vocab_size {vocab_size} < 256 bytes + {len(special)} special tokens")
     tok = _Tok(models.BPE())
-    # the GPT-2 split regex, no prefix space; all 256 bytes are in the alphabet, so nothing is <unk>
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Llama 3's pre-tokenizer: its split regex (numbers in chunks of <= 3 digits, runs of newlines
+    # kept whole), then bytes -> printable unicode. All 256 bytes are in the alphabet: no <unk>.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,

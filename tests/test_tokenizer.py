@@ -9,10 +9,12 @@ checkpoint's special tokens and chat template, saved with transformers, and load
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+from tokenizers import processors
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tokenizer import TULU_TEMPLATE, Tokenizer, tokenize_conversation, train_tokenizer  # noqa: E402
@@ -143,7 +145,7 @@ CONVERSATIONS = [
 
 CORPUS = [m["content"] for c in CONVERSATIONS for m in c] * 3 + [
     "The quick brown fox jumps over the lazy dog. 0123456789 <|user|> <|assistant|> <|system|> user assistant",
-] * 5
+] * 5 + ["First paragraph.\n\nSecond paragraph.\n\n\nThird."] * 5
 
 
 @pytest.fixture(scope="module")
@@ -215,9 +217,12 @@ def test_chatml_tools_and_features_match_transformers(ckpts, base):
     hf2 = transformers.AutoTokenizer.from_pretrained(path + "_features")
     tok2 = Tokenizer.from_pretrained(path + "_features")
     conv = CONVERSATIONS[0] * 2  # long enough to hit {% break %}
+    # None-valued keys are dropped and reasoning is aliased, as transformers does (tojson shows the keys)
+    conv[1] = {**conv[1], "name": None, "reasoning": "think first"}
     for gen in (False, True):
         ours = tok2.apply_chat_template(conv, add_generation_prompt=gen)
         assert ours == hf2.apply_chat_template(conv, add_generation_prompt=gen, tokenize=False)
+    assert '"thinking": "think first"' in ours and '"name"' not in ours
     assert "|<image>]" in ours and "<6:assistant>" in ours and "<7:" not in ours
     with pytest.raises(Exception, match="unknown role narrator"):
         tok2.apply_chat_template([{"role": "narrator", "content": "x"}])
@@ -269,12 +274,19 @@ def test_assistant_mask_is_exact(ckpts, name):
     for conv in CONVERSATIONS:
         ids, mask = tokenize_conversation(tok, conv)
         assert ids == hf_render(hf, name, conv, return_dict=False) and len(mask) == len(ids)
-        # 1) tokenizing each piece alone and concatenating gives the same ids, so the pieces' flags
+        # 1) tokenizing the pieces alone and concatenating gives the same ids, so the pieces' flags
         #    give the expected mask token by token
         pieces = expected_pieces(name, conv, tok.eos_token)
         assert "".join(p for p, _ in pieces) == tok.apply_chat_template(conv)
-        want_ids, want_mask = [], []
+        # encode runs of same-flag pieces: only the trained/untrained boundaries must be token boundaries
+        chunks = []
         for p, trained in pieces:
+            if chunks and chunks[-1][1] == trained:
+                chunks[-1][0] += p
+            else:
+                chunks.append([p, trained])
+        want_ids, want_mask = [], []
+        for p, trained in chunks:
             pid = tok.encode(p)
             want_ids += pid
             want_mask += [trained] * len(pid)
@@ -295,6 +307,33 @@ def test_assistant_mask_is_exact(ckpts, name):
         assert ids8 == ids[:8] and mask8 == mask[:8]
 
 
+def test_mask_token_straddling_the_header(base):
+    # Content that starts with whitespace can merge with the header's last newline into one token:
+    # "<|assistant|>\n" + "\nSecond" splits as "<|", "assistant", "|>", "\n\n", "Second". That
+    # "\n\n" token is half header, so it is not trained (see tokenize_conversation); the rest is.
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "\nSecond paragraph."}]
+    ids, mask = tokenize_conversation(base, conv)
+    first = mask.index(True)
+    assert base.decode(ids[first - 2:first + 1]) == "|>\n\nSecond" and base.decode([ids[first - 1]]) == "\n\n"
+    assert base.decode([t for t, m in zip(ids, mask) if m]) == "Second paragraph.<|endoftext|>"
+    # GPT-2 style tokenizer.json files trim whitespace off the offsets in their post-processor,
+    # which would move token boundaries; the mask must not depend on it
+    # (e.g. "assistant: " + "Hello" gives " Hello", whose space is header: trimmed, it would look inside)
+    space = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% if m['role'] == 'assistant' %}"
+             "{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    gpt2 = base.tok.from_str(base.tok.to_str())
+    gpt2.post_processor = processors.ByteLevel(trim_offsets=True)
+    assert gpt2.encode("a b").offsets != base.tok.encode("a b").offsets  # trimming is active
+    convs = CONVERSATIONS + [conv, [conv[0], {"role": "assistant", "content": " \n \nSecond  "}]]
+    for template in (None, space):
+        tok, ref = Tokenizer(gpt2, base.special_tokens, template), Tokenizer(base.tok, base.special_tokens, template)
+        for c in convs:
+            ids, mask = tokenize_conversation(tok, c)
+            assert (ids, mask) == tokenize_conversation(ref, c)
+            if template and c in CONVERSATIONS:  # the first trained token is not " Word" (space from header)
+                assert not base.decode([ids[mask.index(True)]]).startswith(" ")
+
+
 def test_mask_refuses_prefix_unstable_templates(base):
     tok = Tokenizer(base.tok, {"eos_token": "<|im_end|>"}, THINK_TEMPLATE)
     ok = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>hm</think>hello"}]
@@ -302,8 +341,11 @@ def test_mask_refuses_prefix_unstable_templates(base):
     assert sum(mask) > 0
     with pytest.raises(ValueError, match=r"not prefix-stable at messages\[1\]"):
         tokenize_conversation(tok, ok + ok)
-    with pytest.raises(ValueError, match="messages\\[0\\] is an assistant turn"):
+    with pytest.raises(ValueError, match=r"messages\[0\] is an assistant turn"):
         tokenize_conversation(tok, ok[1:])
+    # a template whose assistant turns carry no EOS token: SFT would never teach the model to stop
+    with pytest.raises(ValueError, match=re.escape("assistant turn messages[1] renders without any EOS token")):
+        tokenize_conversation(Tokenizer(base.tok, {"eos_token": "<|endoftext|>"}, THINK_TEMPLATE), ok)
 
 
 def test_special_tokens_and_eos_ids(ckpts, base, tmp_path):
@@ -348,13 +390,13 @@ def test_clear_errors(ckpts, tmp_path):
     with pytest.raises(ValueError, match=r"tokenizer_config.json: invalid JSON at line 2"):
         Tokenizer.from_pretrained(str(d))
     (d / "tokenizer_config.json").write_text('{"eos_token": "<|not_a_token|>"}')
-    with pytest.raises(ValueError, match="eos_token='<|not_a_token|>' is not in the tokenizer"):
+    with pytest.raises(ValueError, match=re.escape("eos_token='<|not_a_token|>' (tokenizer_config.json or")):
         Tokenizer.from_pretrained(str(d))
     (d / "tokenizer_config.json").write_text("{}")
     with pytest.raises(ValueError, match="no EOS token"):
         Tokenizer.from_pretrained(str(d))
     (d / "generation_config.json").write_text('{"eos_token_id": 100000}')
-    with pytest.raises(ValueError, match="eos_token_id 100000 is outside the vocabulary"):
+    with pytest.raises(ValueError, match=re.escape("eos_token_id 100000 (generation_config.json or config.json) is")):
         Tokenizer.from_pretrained(str(d))
     with pytest.raises(ValueError, match="empty conversation"):
         Tokenizer.from_pretrained(path).apply_chat_template([])
