@@ -31,8 +31,9 @@ class DataError(ValueError):
     pass
 
 
-def read_jsonl(path):
-    """Yields (where, row) with where = "file:line"; an empty file or a malformed line is an error."""
+def read_jsonl(path, bad=None):
+    """Yields (where, row) with where = "file:line"; an empty file or a malformed line is an error
+    (or, when a list `bad` is given, a malformed line is appended to it and skipped)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     opener = gzip.open if path.endswith(".gz") else open
@@ -43,10 +44,14 @@ def read_jsonl(path):
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            except (json.JSONDecodeError, DataError) as e:
+                err = e if isinstance(e, DataError) else DataError(f"{path}:{i}: malformed JSON ({e.msg})")
+                if bad is None:
+                    raise err from None
+                bad.append(err)
+                continue
             n += 1
             yield f"{path}:{i}", row
     if n == 0:
@@ -103,14 +108,15 @@ def load_mixture(specs, parse, seed=0, skip_bad=False):
         path, amount = spec, None
         if ":" in spec and not os.path.isfile(spec):
             path, amount = spec.rsplit(":", 1)
-        got = []
-        for where, row in read_jsonl(path):
+        got, bad = [], [] if skip_bad else None
+        for where, row in read_jsonl(path, bad):
             try:
                 got.append(parse(row, where))
             except DataError:
                 if not skip_bad:
                     raise
                 skipped += 1
+        skipped += len(bad or [])
         random.Random(seed).shuffle(got)
         if amount is not None:
             try:

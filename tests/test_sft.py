@@ -1,0 +1,209 @@
+"""
+data.py and sft.py: assistant-only targets, packing, loss normalisation, FSDP2 parity, resume, bad input.
+
+    python -m pytest tests/test_sft.py -v
+"""
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import data
+import tasks
+from common import IGNORE
+from model import Llama
+from tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random base checkpoint and a 96-row SFT file from the built-in tasks."""
+    d = tmp_path_factory.mktemp("tiny")
+    sft = tasks.make_tasks(seed=0, n_sft=96, n_prefs=2, n_rl=2, n_eval=2)[0]
+    base = tasks.make_base_checkpoint(str(d / "base"), sft, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                                      ffn_dim=64, vocab_size=300)
+    path = str(d / "sft.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in sft)
+    return base, path
+
+
+def run_sft(tiny, out, *extra, nproc=1, wait=True):
+    base, path = tiny
+    cmd = ["sft.py", "--ckpt", base, "--data", path, "--out", str(out), "--val-frac", "0", *map(str, extra)]
+    cmd = [sys.executable, *cmd] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def weights(out):
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def losses(out):
+    return [json.loads(ln)["loss"] for ln in open(os.path.join(out, "metrics.jsonl"))]
+
+
+# -----------------------------------------------------------------------------
+# targets and batches
+
+
+def test_assistant_targets_multiturn(tiny):
+    tok = Tokenizer.from_pretrained(tiny[0])
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sam has 3 pens."},
+            {"role": "assistant", "content": "3 + 1 = 4.\n#### 4"}, {"role": "user", "content": "And cats?"},
+            {"role": "assistant", "content": "The calm cat is old."}]
+    ids, labels = data.encode_sft(tok, msgs, max_len=512)
+    trained = [t for t in labels if t != IGNORE]
+    assert tok.decode(trained) == "3 + 1 = 4.\n#### 4<|endoftext|>The calm cat is old.<|endoftext|>"
+    assert [i for i, t in zip(ids, labels) if t != IGNORE] == trained
+    # truncation keeps a prefix; nothing left to train on -> dropped
+    assert data.encode_sft(tok, msgs, max_len=8) is None
+    assert data.encode_sft(tok, msgs, max_len=20, truncate=False) is None
+
+
+def test_packed_loss_equals_padded_loss(tiny):
+    tok = Tokenizer.from_pretrained(tiny[0])
+    model = Llama.from_pretrained(tiny[0])
+    rows = [json.loads(ln)["messages"] for ln in open(tiny[1])][:5]
+    exs = [data.encode_sft(tok, m, 256) for m in rows]
+    padded, packed = data.pad_batch(exs, tok.pad_id), data.pack_batch(exs)
+    assert (padded["targets"] != IGNORE).sum() == (packed["targets"] != IGNORE).sum()
+    lp_pad = common.token_logprobs(model, padded["input_ids"], padded["targets"])
+    lp_pack = common.token_logprobs(model, packed["input_ids"], packed["targets"],
+                                    position_ids=packed["position_ids"], doc_ids=packed["doc_ids"])
+    assert abs(lp_pad.sum().item() - lp_pack.sum().item()) < 1e-4
+
+
+# -----------------------------------------------------------------------------
+# the training script
+
+
+def test_accumulation_and_two_process_fsdp_match(tiny, tmp_path):
+    """One micro-batch of 8, eight of 1, and 2 ranks x 4 give the same losses and weights: the loss is
+    normalised by the step's global target-token count, not per micro-batch."""
+    run_sft(tiny, tmp_path / "a", "--max-steps", 3, "--batch-size", 8, "--micro-batch-size", 8)
+    run_sft(tiny, tmp_path / "b", "--max-steps", 3, "--batch-size", 8, "--micro-batch-size", 1)
+    run_sft(tiny, tmp_path / "c", "--max-steps", 3, "--batch-size", 8, "--micro-batch-size", 4, nproc=2)
+    a, b, c = (str(tmp_path / k) for k in "abc")
+    assert losses(a) == pytest.approx(losses(b), abs=1e-6) and losses(a) == pytest.approx(losses(c), abs=1e-6)
+    assert max_diff(weights(a), weights(b)) < 1e-4
+    assert max_diff(weights(a), weights(c)) < 1e-4
+    # and the per-micro-batch mean (the ablation) is a different objective here
+    run_sft(tiny, tmp_path / "d", "--max-steps", 3, "--batch-size", 8, "--micro-batch-size", 1,
+            "--loss-reduction", "mean")
+    assert max_diff(weights(a), weights(str(tmp_path / "d"))) > 1e-4
+
+
+def test_packing_matches_padding_in_training(tiny, tmp_path):
+    run_sft(tiny, tmp_path / "pad", "--max-steps", 2, "--batch-size", 8, "--micro-batch-size", 4)
+    run_sft(tiny, tmp_path / "pack", "--max-steps", 2, "--batch-size", 8, "--micro-batch-size", 4, "--packing")
+    assert losses(str(tmp_path / "pad")) == pytest.approx(losses(str(tmp_path / "pack")), abs=1e-5)
+
+
+def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
+    args = ("--max-steps", 12, "--batch-size", 8, "--micro-batch-size", 1, "--save-every", 2)
+    run_sft(tiny, tmp_path / "full", *args)
+    out = tmp_path / "killed"
+    proc = run_sft(tiny, out, *args, wait=False)
+    deadline = time.time() + 120
+    while not os.path.isfile(out / "train_state.pt") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # a crash, not a clean exit
+    proc.wait()
+    step = torch.load(out / "train_state.pt", weights_only=False)["step"]
+    assert step < 12, "the run finished before it could be killed"
+    run_sft(tiny, out, *args, "--resume")
+    assert max_diff(weights(str(tmp_path / "full")), weights(str(out))) < 1e-6
+    assert losses(str(out)) == pytest.approx(losses(str(tmp_path / "full")), abs=1e-6)
+
+
+def test_failed_save_keeps_last_checkpoint(tiny, tmp_path, monkeypatch):
+    tok = Tokenizer.from_pretrained(tiny[0])
+    model = Llama.from_pretrained(tiny[0])
+    out = str(tmp_path / "ck")
+    common.save_checkpoint(out, model, tok)
+    before = weights(out)
+    with torch.no_grad():
+        model.norm.weight.add_(1.0)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(tok, "save_pretrained", boom)  # dies after the weights were written
+    with pytest.raises(OSError):
+        common.save_checkpoint(out, model, tok)
+    assert max_diff(before, weights(out)) == 0
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+# -----------------------------------------------------------------------------
+# bad input: one clear error naming file and line
+
+
+@pytest.mark.parametrize("line, msg", [
+    ('{"messages": [{"role": "user", "content": "hi"}', "malformed JSON"),
+    ('{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}', "'robot'"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
+])
+def test_bad_rows(tmp_path, line, msg):
+    good = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'
+    path = tmp_path / "d.jsonl"
+    path.write_text(good + "\n" + line + "\n")
+    with pytest.raises(data.DataError, match=f"{path}:2: .*{msg}"):
+        data.load_mixture([str(path)], data.sft_row)
+    rows, skipped = data.load_mixture([str(path)], data.sft_row, skip_bad=True)
+    assert (len(rows), skipped) == (1, 1)
+
+
+def test_empty_file_and_cli_error(tiny, tmp_path):
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(data.DataError, match="e.jsonl: empty file"):
+        data.load_mixture([str(empty)], data.sft_row)
+    r = subprocess.run([sys.executable, "sft.py", "--ckpt", tiny[0], "--data", str(empty), "--out", str(tmp_path / "o")],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == f"error: {empty}: empty file"
+
+
+def test_mixture_counts_fractions_and_gzip(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": str(i)}, {"role": "assistant", "content": "x"}]}
+            for i in range(10)]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with gzip.open(b, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    got, _ = data.load_mixture([f"{a}:0.5", f"{b}:3"], data.sft_row)
+    assert len(got) == 8
+    with pytest.raises(data.DataError, match="asks for 11 rows"):
+        data.load_mixture([f"{a}:11"], data.sft_row)
+
+
+def test_preference_and_rlvr_rows():
+    c, r = data.pref_row({"prompt": "q", "chosen": "a", "rejected": "b"}, "f:1")
+    assert c[0] == r[0] and (c[1]["content"], r[1]["content"]) == ("a", "b")
+    with pytest.raises(data.DataError, match="f:3: chosen and rejected must share the same prompt"):
+        data.pref_row({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                       "rejected": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "b"}]}, "f:3")
+    row = data.rlvr_row({"messages": [{"role": "user", "content": "q"}], "ground_truth": "4", "dataset": "gsm8k"}, "f")
+    assert row["dataset"] == "gsm8k"
+    with pytest.raises(data.DataError, match="needs 'ground_truth'"):
+        data.rlvr_row({"messages": [{"role": "user", "content": "q"}]}, "f:9")
