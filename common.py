@@ -226,6 +226,17 @@ def log_metrics(out, row):
         f.write(json.dumps(row) + "\n")
 
 
+def trim_metrics(out, step):
+    """Drops the rows of out/metrics.jsonl logged at or after `step` (rank 0): a run resumed at `step`
+    is about to redo them, and a fresh run (step 0) starts a new log."""
+    path = os.path.join(out, "metrics.jsonl")
+    if (is_dist() and dist.get_rank() != 0) or not os.path.isfile(path):
+        return
+    keep = [ln for ln in open(path) if json.loads(ln).get("step", -1) < step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
 def write_json(path, obj):
     if is_dist() and dist.get_rank() != 0:
         return
