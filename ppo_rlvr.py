@@ -1,0 +1,642 @@
+"""
+Reinforcement learning with verifiable rewards, the third stage of Tülu 3 (paper §6): PPO with a value
+model, GAE and a KL penalty against the starting policy, rewarded by verifiers instead of a reward model.
+
+    python ppo_rlvr.py                               # tiny default on the CPU: continues from out/dpo/
+                                                     # (else out/sft/), writes out/rlvr/
+    python ppo_rlvr.py --advantage grpo              # the same loop as GRPO (or rloo): no value model
+    python ppo_rlvr.py --ckpt path/to/dpo --data rlvr.jsonl --eval-prompts held_out.jsonl --preset tulu3-8b
+    torchrun --standalone --nproc_per_node 8 ppo_rlvr.py --ckpt ... --data ... --preset tulu3-8b
+
+One step (--advantage gae, Tülu 3's PPO):
+1. Rollouts: P prompts (over all ranks), n samples each, drawn by model.generate at --temperature. The
+   sampled token ids go into the training batch as they are: never decoded and re-encoded.
+2. Scores: 10 x verifiers.verify(dataset, response, ground_truth); with --no-eos-penalty, a response
+   that never produced EOS scores the penalty instead (-10 in Tülu 3).
+3. Without gradients: the log-probs of the sampled tokens under the policy ("old", recomputed by the
+   training forward at the same temperature; their gap to the generator's own log-probs is logged), under
+   the frozen reference (the starting checkpoint), and the values V(prefix) of the value model.
+4. Per-token rewards r_t = -beta * KL_t, plus the score at the last response token (the EOS);
+   KL_t = k1 / k2 / k3 of d_t = logp_t - ref_logp_t. GAE(gamma, lambda) gives advantages, whitened over
+   the whole batch (all ranks), and returns = advantages + values.
+5. --ppo-epochs passes over the batch in --mini-batches mini-batches, one optimizer step each for the
+   policy and the value model: clipped policy loss + vf_coef x clipped value loss, summed over tokens
+   and divided by the mini-batch's token count over all micro-batches and ranks (--loss-norm).
+6. beta is fixed, or adaptive (--kl-target, Ziegler et al. 2019): it moves by at most 20% x n / horizon
+   per step towards the target KL per sequence.
+
+The other two modes change step 4 (and drop the value model); everything else is reused:
+  grpo  GRPO (Shao et al. 2024, DeepSeekMath). n samples per prompt; every token of sample i gets
+        A_i = (s_i - mean(s)) / (std(s) + 1e-4) over its group's scores s (population std; a group whose
+        scores are all equal gets A = 0 and teaches nothing). The KL is not in the reward but a loss
+        term beta * k3(logp, ref_logp) per token, with gradient (k3 unless --kl-estimator says otherwise).
+        Simplifies PPO by: no value model and no GAE (the group mean is the baseline, the same for
+        every token: credit is not assigned within a response), normalisation by the group's spread
+        instead of whitening.
+  rloo  RLOO (Ahmadian et al. 2024; Kool et al. 2019). n samples per prompt; sequence reward
+        R_i = s_i - beta * sum_t KL_t (KL in the reward, as in Tülu's PPO and TRL's RLOO); every token
+        of sample i gets A_i = R_i - mean_{j != i} R_j, the mean of the other samples of its prompt,
+        an unbiased baseline. Simplifies PPO by: no value model, no GAE, no whitening.
+Both keep PPO's ratio clipping and several epochs over a batch (with 1 epoch and 1 mini-batch the ratio
+is 1 and the loss is the plain policy gradient).
+
+Memory: the policy, the frozen reference and the value model are all resident, FSDP2-sharded alike (so
+each rank holds 1/world of each). The reference is skipped when beta is 0 and not adaptive, the value
+model outside --advantage gae. The entropy logged is the mean of -logp of the sampled tokens (a
+Monte-Carlo estimate of the per-token entropy of the sampling distribution): the fused log-prob op
+never forms the full distribution, so the exact entropy is not at hand.
+"""
+import argparse
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+
+from common import IGNORE, token_logprobs
+
+# -----------------------------------------------------------------------------
+# the maths of a PPO step: pure functions on (B, T) tensors, T = response tokens, mask = 1 on real
+# response tokens (a row ends early when its response is shorter than T)
+
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x where mask is 1, over everything or along `dim`; 0 where the mask is empty."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x, mask, reduce=None):
+    """Unbiased variance of x where mask is 1, as a 0-d fp64 tensor. reduce: sums a tensor over ranks
+    (common.all_reduce) for the variance of the whole distributed batch; None on one process."""
+    reduce = reduce or (lambda t: t)
+    s = reduce(torch.stack([(x * mask).sum(), mask.sum()]).double())  # two passes: (sum, n), then sq. dev.
+    mean = s[0] / s[1].clamp(min=1)
+    ss = reduce(((x.double() - mean) ** 2 * mask).sum())
+    return mean, ss / (s[1] - 1).clamp(min=1)
+
+
+def masked_whiten(x, mask, shift_mean=True, reduce=None, eps=1e-8):
+    """(x - mean) / std over the masked entries (open-instruct's masked_whiten); 0 off the mask.
+    shift_mean=False adds the mean back (rescales only)."""
+    mean, var = masked_var(x, mask, reduce)
+    out = (x.double() - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return (out * mask).to(x.dtype)
+
+
+def kl_estimate(logp, ref_logp, kind="k1"):
+    """Per-token estimators of KL(pi || ref) from tokens sampled from pi (Schulman, "Approximating KL
+    divergence", 2020), with d = logp - ref_logp = log pi(x)/ref(x):
+      k1 = d                  unbiased, any sign per token
+      k2 = d^2 / 2            biased (low for small KL), >= 0
+      k3 = exp(-d) - 1 + d    unbiased, >= 0 (as ratio - 1 - log ratio of ref/pi)
+    d is clamped to [-40, 40] for k3, as open-instruct does, so exp(-d) cannot overflow."""
+    d = logp - ref_logp
+    if kind == "k1":
+        return d
+    if kind == "k2":
+        return 0.5 * d * d
+    if kind == "k3":
+        d = d.clamp(-40, 40)
+        return torch.expm1(-d) + d
+    raise ValueError(f"kl_estimate: kind must be k1, k2 or k3, got {kind!r}")
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalized advantage estimation (Schulman et al. 2016) on (B, T) tensors:
+        delta_t = r_t + gamma * V_{t+1} - V_t,        A_t = delta_t + gamma * lam * A_{t+1}
+    values[:, t] = V(prompt + response[:t]), the state before token t. The step after a row's last
+    masked token is terminal (V = 0, A = 0): an episode ends at EOS or at the length limit, as in
+    open-instruct (a truncated response is penalised by its score, not bootstrapped).
+    -> (advantages, returns = advantages + values), both 0 off the mask."""
+    m = mask.to(rewards.dtype)
+    r, v = rewards * m, values * m
+    B, T = r.shape
+    adv = torch.zeros_like(r)
+    last = torch.zeros(B, dtype=r.dtype, device=r.device)  # A_{t+1}
+    for t in reversed(range(T)):
+        nv = v[:, t + 1] if t + 1 < T else torch.zeros_like(last)      # V_{t+1}, 0 past the end
+        nm = m[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = r[:, t] + gamma * nv - v[:, t]
+        last = (delta + gamma * lam * nm * last) * m[:, t]
+        adv[:, t] = last
+    return adv, (adv + v) * m
+
+
+def policy_loss(logp, old_logp, adv, clip=0.2):
+    """PPO's clipped surrogate (Schulman et al. 2017), per token, to minimise:
+        max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)),   rho = pi(x) / pi_old(x)
+    -> (loss, clipped) where clipped = 1 where the clipped term was the larger (no gradient)."""
+    ratio = torch.exp(logp - old_logp)
+    l1 = -adv * ratio
+    l2 = -adv * ratio.clamp(1 - clip, 1 + clip)
+    return torch.maximum(l1, l2), (l2 > l1).to(logp.dtype)
+
+
+def value_loss(v, old_v, returns, clip=0.2):
+    """PPO's clipped value loss, per token: 0.5 * max((v - R)^2, (v_clip - R)^2) with
+    v_clip = old_v + clip(v - old_v, -eps, eps): the value may not move more than eps per batch.
+    -> (loss, clipped)."""
+    vc = old_v + (v - old_v).clamp(-clip, clip)
+    l1, l2 = (v - returns) ** 2, (vc - returns) ** 2
+    return 0.5 * torch.maximum(l1, l2), (l2 > l1).to(v.dtype)
+
+
+def adaptive_kl(beta, kl, n, target, horizon=10000):
+    """Ziegler et al. 2019 §2.2 (lm-human-preferences' AdaptiveKLController): after a batch of n
+    episodes with mean KL `kl` (per sequence), beta *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon.
+    target=None is the fixed controller: beta unchanged."""
+    if target is None:
+        return beta
+    err = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + err * n / horizon)
+
+
+def group_advantages(scores, n, kind="grpo", eps=1e-4):
+    """Per-sequence advantages from the scores (N,) of N/n groups of n consecutive samples per prompt.
+      grpo  (s_i - mean) / (std + eps), population std of the group
+      rloo  s_i - mean_{j != i} s_j  (= n / (n - 1) * (s_i - mean))
+    A group whose scores are all equal gets exactly 0 (not rounding noise divided by eps)."""
+    g = scores.view(-1, n).double()
+    mean = g.mean(1, keepdim=True)
+    if kind == "grpo":
+        adv = (g - mean) / (g.std(1, unbiased=False, keepdim=True) + eps)
+    elif kind == "rloo":
+        if n < 2:
+            raise ValueError("group_advantages: rloo needs n >= 2 samples per prompt")
+        adv = g - (g.sum(1, keepdim=True) - g) / (n - 1)
+    else:
+        raise ValueError(f"group_advantages: kind must be grpo or rloo, got {kind!r}")
+    same = (g == g[:, :1]).all(1, keepdim=True)
+    return adv.masked_fill(same, 0.0).view(-1).to(scores.dtype)
+
+
+def explained_variance(values, returns, mask, reduce=None):
+    """1 - Var[R - V] / Var[R] over the masked tokens: 1 is a perfect value model, 0 a constant one."""
+    _, var_r = masked_var(returns, mask, reduce)
+    _, var_e = masked_var(returns - values, mask, reduce)
+    return (1 - var_e / var_r).item() if var_r > 0 else float("nan")
+
+
+# -----------------------------------------------------------------------------
+# batches of sampled responses, and the forwards over them
+
+
+def rollout_batch(prompts, responses, pad_id, device="cpu"):
+    """Prompt + response token ids, right-padded (padding after a sequence cannot affect it under causal
+    attention, so no mask is needed). -> dict of
+      input_ids (B, L), targets (B, L): the response tokens at the positions that predict them, else IGNORE
+      idx (B, T): the position predicting response token t (T = longest response), mask (B, T) fp32."""
+    B, T = len(prompts), max(len(r) for r in responses)
+    L = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    x = torch.full((B, L), pad_id, dtype=torch.long)
+    y = torch.full((B, L), IGNORE, dtype=torch.long)
+    idx = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        s = len(p) - 1  # the prompt's last token predicts response token 0
+        x[b, :len(p) + len(r)] = torch.tensor(p + r)
+        y[b, s:s + len(r)] = torch.tensor(r)
+        idx[b] = s + torch.arange(T).clamp(max=max(len(r) - 1, 0))
+        mask[b, :len(r)] = 1
+    return {"input_ids": x.to(device), "targets": y.to(device), "idx": idx.to(device), "mask": mask.to(device)}
+
+
+def response_logprobs(model, batch, temperature=1.0):
+    """log p(response token t) under softmax(logits / temperature), (B, T) fp32, 0 off the mask: the
+    quantity model.generate returns for the tokens it sampled."""
+    lp = token_logprobs(model, batch["input_ids"], batch["targets"], temperature=temperature)  # (B, L)
+    return lp.gather(1, batch["idx"]) * batch["mask"]
+
+
+class ValueModel(nn.Module):
+    """V(prefix): a Llama body (final normed hidden states; its LM head is unused) and a scalar head,
+    like HF's LlamaForSequenceClassification `score` layer (C -> 1, no bias). The head starts at 0, so
+    the first values are 0 and the body is not disturbed before the head has learnt a direction."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+        w = body.embed_tokens.weight
+        self.head = nn.Linear(body.cfg.dim, 1, bias=False, device=w.device, dtype=torch.float32)
+        nn.init.zeros_(self.head.weight)
+
+    def forward(self, input_ids, idx):
+        """-> V at positions idx (B, T) of each row, fp32: with rollout_batch's idx, the value of the state
+        before each response token. (Gathering here also hands FSDP a fresh tensor, not a view.)"""
+        h = self.body(input_ids, return_hidden=True)  # (B, L, C)
+        return self.head(h)[..., 0].float().gather(1, idx)
+
+
+# -----------------------------------------------------------------------------
+# the script
+
+if __name__ == "__main__":
+    import json
+
+    from tqdm import tqdm
+
+    from common import (all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint, full_state_dict,
+                        init_distributed, is_dist, load_model, load_train_state, log_metrics, lr_at, print0,
+                        save_checkpoint, seed_everything, write_json)
+    from data import DataError, encode_prompt, epoch_order, load_mixture, read_jsonl, rlvr_row
+    from model import generate
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # what to train
+    p.add_argument("--ckpt", default=None, help="policy to start from, also the KL reference (default: out/dpo, else out/sft)")
+    p.add_argument("--value-ckpt", default=None, help="checkpoint for the value model's body (default: --ckpt)")
+    p.add_argument("--data", nargs="*", default=None, help="RLVR JSONL files, 'file:fraction' or 'file:count' "
+                   "(default: the built-in RL prompts)")
+    p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end "
+                   "(default with the built-in prompts: the built-in held-out set)")
+    p.add_argument("--out", default="out/rlvr")
+    p.add_argument("--preset", choices=["tiny", "tulu3-8b"], default="tiny")
+    p.add_argument("--advantage", choices=["gae", "grpo", "rloo"], default="gae")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
+    # rollouts
+    p.add_argument("--steps", type=int, default=None, help="rollout batches (each: epochs x mini-batches updates)")
+    p.add_argument("--prompts-per-step", type=int, default=None, help="prompts per rollout batch, all ranks")
+    p.add_argument("--samples-per-prompt", type=int, default=None, help="n (default 1 for gae, 4 for grpo/rloo)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="response length limit")
+    p.add_argument("--max-prompt-len", type=int, default=None, help="prompts longer than this are dropped")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also used in training")
+    p.add_argument("--gen-batch-size", type=int, default=None, help="prompts per generate batch (default: all)")
+    p.add_argument("--per-prompt-seed", action="store_true", help="sample each prompt's n responses with a "
+                   "seed of their own: rollouts independent of the number of ranks (slower)")
+    # reward and KL
+    p.add_argument("--verify-reward", type=float, default=None, help="score of a verified response")
+    p.add_argument("--no-eos-penalty", type=float, default=None, help="score of a response without EOS (off if unset)")
+    p.add_argument("--beta", type=float, default=None, help="KL coefficient (initial value if adaptive)")
+    p.add_argument("--kl-estimator", choices=["k1", "k2", "k3"], default=None, help="default k1, k3 for grpo")
+    p.add_argument("--kl-target", type=float, default=None, help="adaptive beta: target KL per sequence")
+    p.add_argument("--kl-horizon", type=float, default=10000, help="adaptive beta: horizon in episodes")
+    # PPO
+    p.add_argument("--gamma", type=float, default=None)
+    p.add_argument("--lam", type=float, default=None)
+    p.add_argument("--clip", type=float, default=None, help="policy ratio clip range epsilon")
+    p.add_argument("--value-clip", type=float, default=None)
+    p.add_argument("--vf-coef", type=float, default=None)
+    p.add_argument("--ppo-epochs", type=int, default=None)
+    p.add_argument("--mini-batches", type=int, default=None, help="optimizer steps per PPO epoch")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="sequences per forward, per rank")
+    p.add_argument("--loss-norm", choices=["token", "sequence"], default="token")
+    # optimization
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--value-lr", type=float, default=None, help="default: --lr")
+    p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default=None)
+    p.add_argument("--warmup-ratio", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--grad-checkpoint", action="store_true")
+    # checkpoints and evaluation
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--save-dtype", choices=["fp32", "bf16"], default=None)
+    p.add_argument("--eval-max-new-tokens", type=int, default=64)
+    p.add_argument("--eval-n", type=int, default=None, help="score only the first N held-out prompts (0: none)")
+    args = p.parse_args()
+
+    # presets fill whatever was not given on the command line
+    PRESETS = {
+        # the tiny default: continues the tiny SFT/DPO model, a few minutes on 2 CPU cores
+        "tiny": dict(steps=40, prompts_per_step=32, max_new_tokens=64, max_prompt_len=256, verify_reward=10.0,
+                     beta=0.05, kl_estimator="k1", gamma=1.0, lam=0.95, clip=0.2, value_clip=0.2, vf_coef=0.1,
+                     ppo_epochs=4, mini_batches=1, micro_batch_size=64, lr=3e-5, schedule="constant",
+                     warmup_ratio=0.0, save_dtype="fp32"),
+        # Tülu 3 8B RLVR (open-instruct docs/tulu3.md and ppo_vllm_thread_ray_gtrl.py defaults): beta 0.05
+        # k1, lr 3e-7 linear no warmup, gamma 1, lambda 0.95, clip 0.2, value clip 0.2, vf_coef 0.1,
+        # 4 epochs x 1 mini-batch of 224 rollouts (1 sample/prompt), response 2048, reward 10, no-EOS -10
+        "tulu3-8b": dict(steps=10_000_000 // 224, prompts_per_step=224, max_new_tokens=2048, max_prompt_len=2048,
+                         verify_reward=10.0, no_eos_penalty=-10.0, beta=0.05, kl_estimator="k1", gamma=1.0,
+                         lam=0.95, clip=0.2, value_clip=0.2, vf_coef=0.1, ppo_epochs=4, mini_batches=1,
+                         micro_batch_size=2, lr=3e-7, schedule="linear", warmup_ratio=0.0, save_dtype="bf16"),
+    }
+    group = args.advantage in ("grpo", "rloo")
+    if args.samples_per_prompt is None:
+        args.samples_per_prompt = 4 if group else 1
+    if args.kl_estimator is None and args.advantage == "grpo":
+        args.kl_estimator = "k3"  # GRPO's KL loss term: k3 has a non-negative value and an unbiased mean
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.value_lr = args.value_lr if args.value_lr is not None else args.lr
+
+    # -------------------------------------------------------------------------
+    # setup
+
+    rank, world, device = init_distributed()
+    seed_everything(args.seed + rank)
+    from tokenizer import Tokenizer  # noqa: E402
+    from verifiers import verify  # noqa: E402
+
+    n, P = args.samples_per_prompt, args.prompts_per_step
+    if group and n < 2:
+        raise SystemExit(f"error: --advantage {args.advantage} compares samples of a prompt: "
+                         f"--samples-per-prompt must be >= 2, got {n}")
+    if P % world:
+        raise SystemExit(f"error: --prompts-per-step {P} must be a multiple of the world size {world}")
+    B = P // world * n  # rollouts per rank per step
+    if B % args.mini_batches:
+        raise SystemExit(f"error: {B} rollouts per rank (prompts-per-step / world x samples) do not split "
+                         f"into --mini-batches {args.mini_batches}")
+    if args.ckpt is None:  # the tiny default's latest stage
+        args.ckpt = next((d for d in ("out/dpo", "out/sft") if os.path.isfile(os.path.join(d, "config.json"))), None)
+        if args.ckpt is None:
+            raise SystemExit("error: no --ckpt given and neither out/dpo/ nor out/sft/ exists: run python sft.py first")
+    tok = Tokenizer.from_pretrained(args.ckpt)
+    try:
+        held_out = None
+        if args.data is None:
+            from tasks import make_tasks
+            _, _, rows, held_out = make_tasks(seed=args.seed)
+            n_bad = 0
+        else:
+            rows, n_bad = load_mixture(args.data, rlvr_row, seed=args.seed, skip_bad=args.skip_bad)
+        if args.eval_prompts:
+            held_out = [rlvr_row(r, w) for w, r in read_jsonl(args.eval_prompts)]
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    if held_out is not None and args.eval_n is not None:
+        held_out = held_out[:args.eval_n] or None
+    # prompts are tokenized once, ending with the assistant header; generation continues from there
+    prompts = [encode_prompt(tok, r["messages"]) for r in rows]
+    keep = [i for i, q in enumerate(prompts) if len(q) <= args.max_prompt_len]
+    n_long = len(rows) - len(keep)
+    rows, prompts = [rows[i] for i in keep], [prompts[i] for i in keep]
+    steps_per_epoch = len(rows) // P
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(rows)} prompts is fewer than one batch of --prompts-per-step {P}")
+
+    resumed = find_checkpoint(args.out) if args.resume else None
+    if args.resume and resumed is None:
+        print0(f"--resume: no checkpoint in {args.out}, starting fresh")
+    policy = load_model(resumed or args.ckpt, device, grad_checkpoint=args.grad_checkpoint)
+    policy.train()
+    # the reference is the frozen starting policy, resident and sharded like the policy (1/world of the
+    # parameters per rank under FSDP; precomputing its log-probs is impossible: the samples are new
+    # every step). Not needed at all when the KL term is off.
+    need_ref = args.beta > 0 or args.kl_target is not None
+    ref = load_model(args.ckpt, device, requires_grad=False).eval() if need_ref else None
+    vm = None
+    if args.advantage == "gae":
+        vm = ValueModel(load_model(args.value_ckpt or args.ckpt, device, grad_checkpoint=args.grad_checkpoint))
+        if is_dist():  # the head joins the FSDP2 mesh too (the body's blocks were sharded by load_model)
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+                if device.type == "cuda" else MixedPrecisionPolicy()
+            fully_shard(vm, mp_policy=mp)
+        vm.train()
+    popt = build_optimizer(policy, args.lr, args.weight_decay)
+    vopt = build_optimizer(vm, args.value_lr, args.weight_decay) if vm is not None else None
+
+    def value_state():
+        """Full state of the value model and its optimizer (rank 0; collective under FSDP)."""
+        if vm is None:
+            return None
+        if is_dist():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            osd = get_optimizer_state_dict(vm, vopt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            osd = vopt.state_dict()
+        return {"model": full_state_dict(vm), "optimizer": osd}
+
+    start, beta = 0, args.beta
+    if resumed:
+        st = load_train_state(resumed, policy, popt)
+        start, beta = st["step"], st["beta"]
+        if vm is not None:
+            if is_dist():
+                from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                     set_optimizer_state_dict)
+                opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+                set_model_state_dict(vm, st["value"]["model"], options=opts)
+                set_optimizer_state_dict(vm, vopt, st["value"]["optimizer"], options=opts)
+            else:
+                vm.load_state_dict(st["value"]["model"])
+                vopt.load_state_dict(st["value"]["optimizer"])
+        del st
+        print0(f"resumed from {resumed} at step {start}")
+        if rank == 0:  # drop metrics logged after that checkpoint: they are about to be redone
+            mpath = os.path.join(args.out, "metrics.jsonl")
+            if os.path.isfile(mpath):
+                kept = [ln for ln in open(mpath) if json.loads(ln).get("step", -1) < start]
+                open(mpath, "w").writelines(kept)
+
+    n_params = sum(q.numel() for q in policy.parameters())
+    print0(f"prompts: {len(rows)} ({n_bad} bad rows skipped, {n_long} over --max-prompt-len {args.max_prompt_len}) | "
+           f"policy {args.ckpt}, {n_params / 1e6:.2f}M parameters | --advantage {args.advantage}")
+    print0(f"{args.steps} steps x {P} prompts x {n} samples, {args.ppo_epochs} epochs x {args.mini_batches} "
+           f"mini-batches | beta {beta} {args.kl_estimator}{' adaptive' if args.kl_target else ''} | "
+           f"world {world} | device {device}")
+
+    # the starting point's held-out accuracy, same prompts and decoding as the final evaluation: from
+    # its eval.json when that covers the same prompts, else evaluated now (kept in out/ for a resume)
+    start_eval = None
+    if held_out is not None:
+        spath, opath = os.path.join(args.ckpt, "eval.json"), os.path.join(args.out, "start_eval.json")
+        for path in (opath, spath):
+            if os.path.isfile(path):
+                got = json.load(open(path))
+                if got.get("n") == len(held_out) and got.get("max_new_tokens", 64) == args.eval_max_new_tokens:
+                    start_eval = got
+                    break
+        if start_eval is None:
+            # (a resumed policy is no longer the start: evaluate the start checkpoint itself)
+            m0 = load_model(args.ckpt, device, requires_grad=False) if resumed else policy
+            start_eval = evaluate(m0, tok, held_out, max_new_tokens=args.eval_max_new_tokens)
+            del m0
+            start_eval["max_new_tokens"] = args.eval_max_new_tokens
+        os.makedirs(args.out, exist_ok=True)
+        write_json(opath, start_eval)
+        print0(f"start: held-out accuracy {start_eval['accuracy']:.3f} on {start_eval['n']} prompts")
+
+    # -------------------------------------------------------------------------
+    # training loop
+
+    def seeded(*key):
+        """A seed from integers (seed, step, ...): rollouts and shuffles are a function of the step, so a
+        resumed run sees exactly what the uninterrupted one would have seen."""
+        s = 0
+        for k in key:
+            s = (s * 1_000_003 + k) % (2 ** 61 - 1)
+        return s
+
+    eos_ids = set(tok.eos_token_ids)
+    mB = args.micro_batch_size
+    red = all_reduce if is_dist() else None  # sums over ranks for the whole-batch statistics
+    save_dtype = torch.bfloat16 if args.save_dtype == "bf16" else torch.float32
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, desc=f"rlvr-{args.advantage}")
+    for step in bar:
+        t0 = time.time()
+        lr = lr_at(step, args.steps, args.lr, int(args.warmup_ratio * args.steps), args.schedule)
+        for g in popt.param_groups:
+            g["lr"] = lr
+        if vopt is not None:
+            for g in vopt.param_groups:
+                g["lr"] = lr * args.value_lr / args.lr
+
+        # 1. rollouts: this rank's prompts (rank-strided), each n times, consecutive
+        order = epoch_order(len(rows), step // steps_per_epoch, args.seed)
+        j0 = (step % steps_per_epoch) * P
+        mine = order[j0:j0 + P][rank::world]
+        tg = time.time()
+        if args.per_prompt_seed:
+            resp, glp = [], []
+            for k in mine:
+                t, lp = generate(policy, [prompts[k]] * n, args.max_new_tokens, temperature=args.temperature,
+                                 eos_token_ids=tok.eos_token_ids, seed=seeded(args.seed, step, k))
+                resp, glp = resp + t, glp + lp
+        else:
+            resp, glp = generate(policy, [prompts[k] for k in mine for _ in range(n)], args.max_new_tokens,
+                                 temperature=args.temperature, eos_token_ids=tok.eos_token_ids,
+                                 seed=seeded(args.seed, step, rank), batch_size=args.gen_batch_size)
+        t_gen = time.time() - tg
+        ridx = [k for k in mine for _ in range(n)]
+
+        # 2. scores from the verifiers, on the decoded text (the token ids themselves are kept)
+        verified, has_eos, scores = [], [], []
+        for k, r in zip(ridx, resp):
+            ok = verify(rows[k]["dataset"], tok.decode(r, skip_special_tokens=True), rows[k]["ground_truth"])
+            e = len(r) > 0 and r[-1] in eos_ids
+            s = args.verify_reward * ok
+            if not e and args.no_eos_penalty is not None:
+                s = args.no_eos_penalty  # replaces the score, as open-instruct's non_stop_penalty
+            verified.append(ok), has_eos.append(e), scores.append(s)
+        scores = torch.tensor(scores, device=device)
+
+        # 3. log-probs under the policy and the reference, and values, without gradients; (B, T) each
+        def micro(J):
+            return rollout_batch([prompts[ridx[j]] for j in J], [resp[j] for j in J], tok.pad_id, device)
+        T = max(len(r) for r in resp)
+        old_lp, ref_lp, values = (torch.zeros(B, T, device=device) for _ in range(3))
+        mask = torch.zeros(B, T, device=device)
+        with torch.no_grad():
+            for j in range(0, B, mB):
+                b = micro(range(j, min(j + mB, B)))
+                w = b["mask"].shape[1]
+                mask[j:j + mB, :w] = b["mask"]
+                old_lp[j:j + mB, :w] = response_logprobs(policy, b, args.temperature)
+                if ref is not None:
+                    ref_lp[j:j + mB, :w] = response_logprobs(ref, b, args.temperature)
+                if vm is not None:
+                    values[j:j + mB, :w] = vm(b["input_ids"], b["idx"]) * b["mask"]
+        gen_lp = torch.zeros(B, T, device=device)
+        for i, lp in enumerate(glp):
+            gen_lp[i, :len(lp)] = torch.tensor(lp, device=device)
+        gap = (gen_lp - old_lp).abs() * mask
+
+        # 4. advantages
+        kl = kl_estimate(old_lp, ref_lp, args.kl_estimator) * mask if ref is not None else torch.zeros_like(mask)
+        last = mask.sum(1).long() - 1  # the last response token (the EOS, if one was sampled)
+        if args.advantage == "gae":
+            rewards = -beta * kl
+            rewards[torch.arange(B, device=device), last] += scores
+            adv, returns = gae(rewards, values, mask, args.gamma, args.lam)
+            adv = masked_whiten(adv, mask, reduce=red)
+        elif args.advantage == "rloo":
+            adv = group_advantages(scores - beta * kl.sum(1), n, "rloo")[:, None] * mask
+        else:
+            adv = group_advantages(scores, n, "grpo")[:, None] * mask
+
+        # 5. PPO epochs over mini-batches; each rank shuffles its own rollouts, a global mini-batch is
+        # the union of the ranks' mini-batches
+        sums = torch.zeros(7, dtype=torch.float64, device=device)  # pg, vf, clip, vclip, approx-kl, tokens, steps
+        gnorms = []
+        Bm = B // args.mini_batches
+        for epoch in range(args.ppo_epochs):
+            g = torch.Generator().manual_seed(seeded(args.seed, step, epoch, rank))
+            perm = torch.randperm(B, generator=g).tolist()
+            for mb in range(args.mini_batches):
+                rows_mb = perm[mb * Bm:(mb + 1) * Bm]
+                # Token-level normalisation: the mini-batch's summed per-token loss is divided by its
+                # token count over all micro-batches and ranks, so that every token weighs the same
+                # whatever the response length and however the batch is split (a mean per micro-batch
+                # or per sequence would weigh a token of a short response more, and would change with
+                # the split: the accumulation bias open-instruct fixed in PR #1137). --loss-norm
+                # sequence is the original PPO/GRPO per-sequence mean, then mean over sequences.
+                if args.loss_norm == "token":
+                    denom = all_reduce(mask[rows_mb].sum().item())
+                else:
+                    denom = all_reduce(float(len(rows_mb)))
+                for j in range(0, Bm, mB):
+                    J = rows_mb[j:j + mB]
+                    b = micro(J)
+                    w = b["mask"].shape[1]
+                    m = b["mask"]
+                    lp = response_logprobs(policy, b, args.temperature)
+                    o = old_lp[J, :w]
+                    pg, clipped = policy_loss(lp, o, adv[J, :w], args.clip)
+                    per_tok = pg
+                    if args.advantage == "grpo" and ref is not None:  # GRPO: KL as a loss term, with grad
+                        per_tok = per_tok + beta * kl_estimate(lp, ref_lp[J, :w], args.kl_estimator)
+                    vf = vclipped = torch.zeros_like(pg)
+                    if vm is not None:
+                        v = vm(b["input_ids"], b["idx"]) * b["mask"]
+                        vf, vclipped = value_loss(v, values[J, :w], returns[J, :w], args.value_clip)
+                        per_tok = per_tok + args.vf_coef * vf
+                    if args.loss_norm == "token":
+                        loss = (per_tok * m).sum() / denom
+                    else:
+                        loss = ((per_tok * m).sum(1) / m.sum(1).clamp(min=1)).sum() / denom
+                    (loss * world).backward()  # FSDP averages gradients over ranks; * world makes it the sum
+                    with torch.no_grad():
+                        d = (lp - o) * m
+                        sums[:6] += torch.stack([(pg * m).sum(), (vf * m).sum(), (clipped * m).sum(),
+                                                 (vclipped * m).sum(), (0.5 * d * d).sum(), m.sum()]).double()
+                gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+                gnorms.append(gn.full_tensor().item() if hasattr(gn, "full_tensor") else gn.item())
+                popt.step()
+                popt.zero_grad(set_to_none=True)
+                if vm is not None:
+                    torch.nn.utils.clip_grad_norm_(vm.parameters(), args.grad_clip)
+                    vopt.step()
+                    vopt.zero_grad(set_to_none=True)
+
+        # 6. metrics over all ranks, and the KL controller
+        tot = lambda x: all_reduce(float(x))  # noqa: E731
+        N = tot(B)
+        kl_seq = tot(kl.sum().item()) / N
+        sums = all_reduce(sums)
+        nt = max(sums[5].item(), 1.0)
+        n_tok = tot(mask.sum().item())
+        row = {"step": step, "lr": lr, "beta": beta,
+               "reward": tot(scores.sum().item()) / N, "accuracy": tot(sum(verified)) / N,
+               "kl": kl_seq, "entropy": tot(-(gen_lp * mask).sum().item()) / n_tok,
+               "pg_loss": sums[0].item() / nt, "clipfrac": sums[2].item() / nt, "approx_kl": sums[4].item() / nt,
+               "resp_len": n_tok / N, "no_eos": 1 - tot(sum(has_eos)) / N,
+               "logp_gap_mean": tot(gap.sum().item()) / n_tok, "logp_gap_max": all_reduce(gap.max().item(), op="max"),
+               "grad_norm": sum(gnorms) / len(gnorms),
+               "gen_tok_per_s": tot(sum(map(len, resp))) / all_reduce(t_gen, op="max")}
+        if vm is not None:
+            row.update(value_loss=sums[1].item() / nt, vf_clipfrac=sums[3].item() / nt,
+                       explained_var=explained_variance(values, returns, mask, red))
+        beta = adaptive_kl(beta, kl_seq, N, args.kl_target, args.kl_horizon)
+        row["time"] = time.time() - t0
+        log_metrics(args.out, row)
+        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.3f}", kl=f"{kl_seq:.3f}",
+                        beta=f"{row['beta']:.3g}", len=f"{row['resp_len']:.0f}")
+        if not all(math.isfinite(v) for k, v in row.items() if k not in ("explained_var",)):
+            raise SystemExit(f"error: non-finite metric at step {step}: {row}; stopping. The last good "
+                             f"checkpoint (if any) is untouched in {args.out}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save_checkpoint(args.out, policy, tok, popt, {"step": step + 1, "beta": beta, "value": value_state(),
+                                                          "args": vars(args)}, dtype=save_dtype)
+
+    save_checkpoint(args.out, policy, tok, popt, {"step": args.steps, "beta": beta, "value": value_state(),
+                                                  "args": vars(args)}, dtype=save_dtype)
+    write_json(os.path.join(args.out, "args.json"), vars(args))
+    if held_out is not None:
+        res = evaluate(policy, tok, held_out, max_new_tokens=args.eval_max_new_tokens)
+        res.update(max_new_tokens=args.eval_max_new_tokens, start=start_eval)
+        write_json(os.path.join(args.out, "eval.json"), res)
+        print0(f"held-out accuracy {res['accuracy']:.3f} (start {start_eval['accuracy']:.3f}) on {res['n']} prompts: "
+               + ", ".join(f"{k} {v['accuracy']:.3f} (start {start_eval['per_task'][k]['accuracy']:.3f})"
+                           for k, v in res["per_task"].items()))
+    print0(f"saved {args.out}")
+    cleanup()

@@ -1,0 +1,297 @@
+"""
+ppo_rlvr.py: GAE, KL estimators, clipped losses, KL controller and group advantages against their
+formulas; generator vs training log-probs; and the script: it learns a verifiable reward, 2 ranks equal
+1, and a killed run resumes to the uninterrupted one's weights.
+
+    python -m pytest tests/test_ppo.py -v
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tasks
+from data import encode_prompt
+from model import Llama, generate
+from ppo_rlvr import (ValueModel, adaptive_kl, gae, group_advantages, kl_estimate, masked_whiten, policy_loss,
+                      response_logprobs, rollout_batch, value_loss)
+from tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+
+# IFEval's letter-frequency check ("the letter a at least twice"): a random tiny model passes ~20% of
+# the time and can learn it by favouring tokens with an "a", a real verifier with a learnable signal
+LETTER_A = json.dumps({"instruction_id_list": ["keywords:letter_frequency"],
+                       "kwargs": [{"letter": "a", "let_frequency": 2, "let_relation": "at least"}]})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random base checkpoint and an RLVR file of 64 prompts scored by the letter check."""
+    d = tmp_path_factory.mktemp("tiny")
+    sft = tasks.make_tasks(seed=0, n_sft=96, n_prefs=2, n_rl=2, n_eval=2)[0]
+    base = tasks.make_base_checkpoint(str(d / "base"), sft, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                                      ffn_dim=64, vocab_size=300)
+    path = str(d / "rl.jsonl")
+    with open(path, "w") as f:
+        for i in range(64):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Write {i} words with the letter a."}],
+                                "ground_truth": LETTER_A, "dataset": "tiny_if"}) + "\n")
+    return base, path
+
+
+def run_ppo(tiny, out, *extra, nproc=1, wait=True):
+    base, path = tiny
+    cmd = ["ppo_rlvr.py", "--ckpt", base, "--data", path, "--out", str(out), "--eval-n", "0",
+           "--max-new-tokens", "16", *map(str, extra)]
+    cmd = [sys.executable, *cmd] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def metrics(out):
+    return [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def max_diff(a, b):
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# -----------------------------------------------------------------------------
+# GAE against the definition, one sequence and one time step at a time
+
+
+def gae_reference(r, v, L, gamma, lam):
+    """A_t = sum_l (gamma lam)^l delta_{t+l} over the L real steps, V = 0 after the last one."""
+    V = lambda k: v[k] if k < L else 0.0  # noqa: E731
+    delta = [r[k] + gamma * V(k + 1) - V(k) for k in range(L)]
+    adv = [sum((gamma * lam) ** i * delta[t + i] for i in range(L - t)) for t in range(L)]
+    return adv, [a + v[t] for t, a in enumerate(adv)]
+
+
+@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0), (0.99, 0.0)])
+def test_gae_matches_direct_loop(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    B, T = 5, 9
+    lengths = [9, 4, 1, 0, 7]  # full, early endings, a single token, an empty row
+    r, v = torch.randn(B, T, generator=g, dtype=torch.float64), torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1.0] * L + [0.0] * (T - L) for L in lengths], dtype=torch.float64)
+    adv, ret = gae(r, v, mask, gamma, lam)
+    for b, L in enumerate(lengths):
+        ra, rr = gae_reference(r[b].tolist(), v[b].tolist(), L, gamma, lam)
+        assert adv[b, :L].tolist() == pytest.approx(ra, abs=1e-12)
+        assert ret[b, :L].tolist() == pytest.approx(rr, abs=1e-12)
+        assert (adv[b, L:] == 0).all() and (ret[b, L:] == 0).all()
+    # whatever sits in the padding (a previous batch's values, garbage rewards) changes nothing
+    adv2, ret2 = gae(r + 100 * (1 - mask), v - 50 * (1 - mask), mask, gamma, lam)
+    assert torch.equal(adv, adv2) and torch.equal(ret, ret2)
+
+
+def test_gae_terminal_reward_only():
+    # gamma = lam = 1, V = 0: every token's advantage is the final score (REINFORCE)
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])
+    r = torch.tensor([[0.0, 0, 10, 0], [0, 3, 0, 0]])
+    adv, _ = gae(r, torch.zeros(2, 4), mask, 1.0, 1.0)
+    assert adv.tolist() == [[10, 10, 10, 0], [3, 3, 0, 0]]
+
+
+def test_masked_whiten():
+    x = torch.tensor([[1.0, 2, 3, 99], [4, 5, -7, -7]])
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])
+    w = masked_whiten(x, mask)
+    vals = torch.tensor([1.0, 2, 3, 4, 5])
+    assert w[mask.bool()].tolist() == pytest.approx(((vals - 3) / vals.std()).tolist(), abs=1e-6)
+    assert (w[~mask.bool()] == 0).all()
+    assert masked_whiten(x, mask, shift_mean=False)[mask.bool()].tolist() == \
+        pytest.approx(((vals - 3) / vals.std() + 3).tolist(), abs=1e-6)
+    assert torch.isfinite(masked_whiten(torch.zeros(2, 3), torch.ones(2, 3))).all()  # zero variance: no NaN
+
+
+# -----------------------------------------------------------------------------
+# KL estimators, clipped losses, the controller, group advantages
+
+
+def test_kl_estimators_values_and_signs():
+    lp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -1.0, -0.5])  # d = 0.5, -1, 0
+    d = lp - ref
+    assert kl_estimate(lp, ref, "k1").tolist() == pytest.approx(d.tolist())
+    assert kl_estimate(lp, ref, "k2").tolist() == pytest.approx((d ** 2 / 2).tolist())
+    assert kl_estimate(lp, ref, "k3").tolist() == pytest.approx([math.exp(-0.5) - 1 + 0.5, math.e - 1 - 1, 0])
+    assert kl_estimate(lp, ref, "k1")[1] < 0  # k1 can be negative token by token ...
+    assert (kl_estimate(lp, ref, "k2") >= 0).all() and (kl_estimate(lp, ref, "k3") >= 0).all()  # ... k2, k3 not
+    assert torch.isfinite(kl_estimate(torch.tensor([-200.0]), torch.tensor([0.0]), "k3")).all()  # clamped
+    with pytest.raises(ValueError, match="k1, k2 or k3"):
+        kl_estimate(lp, ref, "k4")
+
+
+def test_kl_estimators_expectation():
+    """Averaged over tokens drawn from pi, k1 and k3 are exactly KL(pi || ref); k2 is close when the
+    distributions are close (its bias is third order)."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(50, generator=g, dtype=torch.float64)
+    pi = logits.log_softmax(-1)
+    ref = (logits + 0.1 * torch.randn(50, generator=g, dtype=torch.float64)).log_softmax(-1)
+    kl = (pi.exp() * (pi - ref)).sum().item()
+    expect = {k: (pi.exp() * kl_estimate(pi, ref, k)).sum().item() for k in ("k1", "k2", "k3")}
+    assert expect["k1"] == pytest.approx(kl, rel=1e-10) and expect["k3"] == pytest.approx(kl, rel=1e-10)
+    assert expect["k2"] == pytest.approx(kl, rel=0.1)
+
+
+def test_policy_loss_clipping():
+    old = torch.zeros(6)
+    ratio = torch.tensor([1.1, 1.2, 1.5, 0.5, 0.5, 1.5])
+    adv = torch.tensor([2.0, 2.0, 2.0, 2.0, -2.0, -2.0])
+    lp = ratio.log().requires_grad_()
+    loss, clipped = policy_loss(lp, old, adv, clip=0.2)
+    # A > 0: the ratio may not gain past 1 + eps (inside, at the edge, beyond); a lower ratio is not
+    # clipped (pessimistic bound). A < 0: clipped below 1 - eps, not above.
+    assert loss.tolist() == pytest.approx([-2.2, -2.4, -2.4, -1.0, 1.6, 3.0])
+    keep = [0, 2, 3, 4, 5]  # (at the edge itself, which term wins is up to rounding: same value either way)
+    assert clipped[keep].tolist() == [0, 1, 0, 1, 0]
+    loss.sum().backward()
+    # d/dlogp of -A * ratio is -A * ratio; clipped tokens get no gradient
+    assert lp.grad[keep].tolist() == pytest.approx([-2.2, 0.0, -1.0, 0.0, 3.0])
+
+
+def test_value_loss_clipping():
+    old = torch.tensor([0.0, 0.0, 0.0, 0.0])
+    v = torch.tensor([0.1, 0.5, 0.5, -0.2], requires_grad=True)
+    ret = torch.tensor([1.0, 1.0, 0.0, -1.0])
+    loss, clipped = value_loss(v, old, ret, clip=0.2)
+    # 1: inside the range. 2: moved 0.5 towards the return: the clipped value (0.2) is further from it,
+    # so the loss is the clipped one, without gradient. 3: moved away from the return: the unclipped
+    # loss is larger and kept. 4: exactly at the edge.
+    assert loss.tolist() == pytest.approx([0.5 * 0.81, 0.5 * 0.64, 0.5 * 0.25, 0.5 * 0.64])
+    assert clipped.tolist() == [0, 1, 0, 0]
+    loss.sum().backward()
+    assert v.grad.tolist() == pytest.approx([-0.9, 0.0, 0.5, 0.8])
+
+
+def test_adaptive_kl_controller():
+    assert adaptive_kl(0.1, 3.0, 64, None) == 0.1  # fixed
+    assert adaptive_kl(0.1, 6.0, 64, 6.0) == pytest.approx(0.1)  # on target
+    assert adaptive_kl(0.1, 6.6, 1000, 6.0, 10000) == pytest.approx(0.1 * (1 + 0.1 * 0.1))
+    assert adaptive_kl(0.1, 60.0, 1000, 6.0, 10000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped at 20%
+    assert adaptive_kl(0.1, 0.0, 1000, 6.0, 10000) == pytest.approx(0.1 * (1 - 0.2 * 0.1))
+    # closed loop: KL proportional to 1/beta settles at the target
+    beta = 0.01
+    for _ in range(2000):
+        beta = adaptive_kl(beta, 0.12 / beta, 1000, 6.0, 10000)
+    assert 0.12 / beta == pytest.approx(6.0, rel=1e-3)
+
+
+def test_group_advantages():
+    s = torch.tensor([10.0, 0, 0, 0, 3, 3, 3, 3, 0.1, 0.1, 0.1, 0.1])
+    grpo = group_advantages(s, 4, "grpo")
+    sd = math.sqrt((7.5 ** 2 + 3 * 2.5 ** 2) / 4)  # population std of (10, 0, 0, 0)
+    assert grpo[:4].tolist() == pytest.approx([7.5 / (sd + 1e-4)] + [-2.5 / (sd + 1e-4)] * 3)
+    rloo = group_advantages(s, 4, "rloo")
+    assert rloo[:4].tolist() == pytest.approx([10.0, -10 / 3, -10 / 3, -10 / 3])
+    # all-equal groups (incl. values that do not average exactly in floating point): exactly 0, no NaN
+    assert (grpo[4:] == 0).all() and (rloo[4:] == 0).all()
+    assert group_advantages(torch.tensor([1.0, 2.0]), 2, "rloo").tolist() == [-1.0, 1.0]
+    with pytest.raises(ValueError, match="n >= 2"):
+        group_advantages(s, 1, "rloo")
+
+
+# -----------------------------------------------------------------------------
+# the training forward recomputes exactly the log-probs the generator sampled with
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_generator_and_training_logprobs_agree(tiny, temperature):
+    tok = Tokenizer.from_pretrained(tiny[0])
+    model = Llama.from_pretrained(tiny[0])
+    prompts = [encode_prompt(tok, [{"role": "user", "content": q}])
+               for q in ["Hi.", "Write about the sea.", "Ava has 3 pens and finds 4 more. How many now?"]] * 2
+    resp, glp = generate(model, prompts, 24, temperature=temperature, eos_token_ids=tok.eos_token_ids, seed=0)
+    b = rollout_batch(prompts, resp, tok.pad_id)
+    lp = response_logprobs(model, b, temperature)
+    gen = torch.zeros_like(lp)
+    for i, x in enumerate(glp):
+        gen[i, :len(x)] = torch.tensor(x)
+    assert b["mask"].sum(1).tolist() == [len(r) for r in resp]
+    assert (lp - gen).abs().max().item() <= 1e-5
+    # and the same numbers, one unpadded sequence at a time, straight from the logits
+    for i, (q, r) in enumerate(zip(prompts, resp)):
+        logits = model(torch.tensor([q + r]))[0, len(q) - 1:-1].double() / temperature
+        ref = logits.log_softmax(-1).gather(1, torch.tensor(r)[:, None])[:, 0]
+        assert (lp[i, :len(r)].double() - ref).abs().max().item() <= 1e-5
+    # the value model starts at 0 and reads the same positions
+    vm = ValueModel(Llama.from_pretrained(tiny[0]))
+    assert vm(b["input_ids"], b["idx"]).abs().max().item() == 0
+
+
+# -----------------------------------------------------------------------------
+# the script
+
+
+def test_ppo_raises_a_verifiable_reward(tiny, tmp_path):
+    run_ppo(tiny, tmp_path / "a", "--steps", 20, "--prompts-per-step", 32, "--lr", 3e-3)
+    rew = [m["reward"] for m in metrics(str(tmp_path / "a"))]
+    first, last = sum(rew[:4]) / 4, sum(rew[-4:]) / 4
+    assert last > first + 2.0, rew
+    m = metrics(str(tmp_path / "a"))[-1]
+    for k in ("reward", "accuracy", "kl", "beta", "entropy", "clipfrac", "value_loss", "explained_var",
+              "approx_kl", "resp_len", "no_eos", "gen_tok_per_s", "logp_gap_mean", "logp_gap_max"):
+        assert k in m
+    assert max(x["logp_gap_max"] for x in metrics(str(tmp_path / "a"))) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["grpo", "rloo"])
+def test_group_modes_raise_the_reward(tiny, tmp_path, mode):
+    run_ppo(tiny, tmp_path / mode, "--advantage", mode, "--steps", 12, "--prompts-per-step", 8,
+            "--samples-per-prompt", 4, "--lr", 3e-3)
+    rew = [m["reward"] for m in metrics(str(tmp_path / mode))]
+    assert sum(rew[-4:]) / 4 > sum(rew[:4]) / 4 + 1.0, rew
+    assert "value_loss" not in metrics(str(tmp_path / mode))[-1]
+
+
+def test_two_processes_equal_one(tiny, tmp_path):
+    """Same rollouts (--per-prompt-seed), same whitening (over both ranks), same token-normalised loss:
+    2 FSDP2 ranks on gloo give the single process's metrics, policy and value model."""
+    args = ("--steps", 3, "--prompts-per-step", 8, "--lr", 3e-3, "--per-prompt-seed", "--micro-batch-size", 3)
+    run_ppo(tiny, tmp_path / "one", *args)
+    run_ppo(tiny, tmp_path / "two", *args, nproc=2)
+    one, two = metrics(str(tmp_path / "one")), metrics(str(tmp_path / "two"))
+    assert one[-1]["reward"] > 0 and one[-1]["kl"] != 0  # a real signal went through both
+    for a, b in zip(one, two):
+        for k in ("reward", "kl", "pg_loss", "value_loss", "clipfrac", "explained_var", "approx_kl"):
+            assert a[k] == pytest.approx(b[k], abs=1e-5, rel=1e-4), k
+    w1, w2 = (load_file(str(tmp_path / k / "model.safetensors")) for k in ("one", "two"))
+    assert max_diff(w1, w2) < 1e-5
+    v1, v2 = (torch.load(tmp_path / k / "train_state.pt", weights_only=False)["value"]["model"] for k in ("one", "two"))
+    assert max_diff(v1, v2) < 1e-5
+
+
+def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
+    args = ("--steps", 5, "--prompts-per-step", 8, "--lr", 3e-3, "--save-every", 1, "--kl-target", 1.0)
+    run_ppo(tiny, tmp_path / "full", *args)
+    out = tmp_path / "killed"
+    proc = run_ppo(tiny, out, *args, wait=False)
+    deadline = time.time() + 300
+    while not os.path.isfile(out / "train_state.pt") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # a crash, not a clean exit
+    proc.wait()
+    step = torch.load(out / "train_state.pt", weights_only=False)["step"]
+    assert step < 5, "the run finished before it could be killed"
+    run_ppo(tiny, out, *args, "--resume")
+    full, res = metrics(str(tmp_path / "full")), metrics(str(out))
+    assert [m["step"] for m in res] == list(range(5))
+    for a, b in zip(full, res):  # beta (adaptive here), rewards, losses: all continue exactly
+        for k in ("beta", "reward", "kl", "pg_loss", "value_loss"):
+            assert a[k] == pytest.approx(b[k], abs=1e-6), k
+    assert max_diff(load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(out / "model.safetensors"))) < 1e-6
