@@ -145,7 +145,8 @@ class Tokenizer:
                 raise ValueError(f"eos_token_id {i} (generation_config.json or config.json) is outside the "
                                  f"vocabulary of tokenizer.json (size {self.vocab_size})")
         if not self.eos_token_ids:
-            raise ValueError("no EOS token: set eos_token in tokenizer_config.json or eos_token_id in generation_config.json")
+            raise ValueError("no EOS token: set eos_token in tokenizer_config.json or eos_token_id in "
+                             "generation_config.json")
         # A copy without the post-processor, for character offsets: GPT-2 style ByteLevel
         # post-processors trim whitespace off the offsets (trim_offsets), which would blur token
         # boundaries. Without special tokens the post-processor never changes the ids themselves.
@@ -213,8 +214,8 @@ class Tokenizer:
 
     @property
     def pad_id(self):
-        # no pad token (Llama 3): pad with EOS. Padding is masked out of the loss and attention,
-        # and the EOS labels the model must learn are never the padding ones.
+        # no pad token (Llama 3): pad with EOS. Safe because padding is masked by position
+        # (labels = IGNORE there), never by token id, so real EOS labels are still learned.
         return self.tok.token_to_id(self.pad_token) if self.pad_token else self.eos_id
 
     # --- chat

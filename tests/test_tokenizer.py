@@ -320,7 +320,8 @@ def test_mask_token_straddling_the_header(base):
     # which would move token boundaries; the mask must not depend on it
     # (e.g. "assistant: " + "Hello" gives " Hello", whose space is header: trimmed, it would look inside)
     space = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% if m['role'] == 'assistant' %}"
-             "{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+             "{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
     gpt2 = base.tok.from_str(base.tok.to_str())
     gpt2.post_processor = processors.ByteLevel(trim_offsets=True)
     assert gpt2.encode("a b").offsets != base.tok.encode("a b").offsets  # trimming is active
@@ -366,7 +367,9 @@ def test_special_tokens_and_eos_ids(ckpts, base, tmp_path):
     d = tmp_path / "old"
     d.mkdir()
     base.tok.save(str(d / "tokenizer.json"))
-    added = lambda t: {"__type": "AddedToken", "content": t, "lstrip": False, "normalized": False, "rstrip": False}  # noqa: E731
+    def added(t):
+        return {"__type": "AddedToken", "content": t, "lstrip": False, "normalized": False, "rstrip": False}
+
     (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": added("<|begin_of_text|>"), "eos_token": None}))
     (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": added("<|end_of_text|>"), "bos_token": "x"}))
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": eot}))
@@ -376,7 +379,8 @@ def test_special_tokens_and_eos_ids(ckpts, base, tmp_path):
     assert old.eos_token_ids == [eot_text, eot, base.token_to_id("<|im_end|>")]
     assert old.chat_template == TULU_TEMPLATE
     text = "Naïve café 🙂 <|eot_id|>!"
-    assert old.decode(old.encode(text)) == text and old.decode(old.encode(text), skip_special_tokens=True) == "Naïve café 🙂 !"
+    assert old.decode(old.encode(text)) == text
+    assert old.decode(old.encode(text), skip_special_tokens=True) == "Naïve café 🙂 !"
 
 
 def test_clear_errors(ckpts, tmp_path):
@@ -402,13 +406,20 @@ def test_clear_errors(ckpts, tmp_path):
         Tokenizer.from_pretrained(path).apply_chat_template([])
 
 
-def test_train_tokenizer_is_deterministic(base):
+def test_train_tokenizer_is_deterministic(base, tmp_path):
     assert base.eos_token == "<|endoftext|>" and base.pad_id == base.eos_id == base.token_to_id("<|endoftext|>") == 0
     assert base.chat_template == TULU_TEMPLATE and base.vocab_size == 400
     # special tokens are single tokens; byte-level BPE round-trips any text
     assert base.encode("<|im_start|>x") == [base.token_to_id("<|im_start|>"), *base.encode("x")]
     text = "héllo\n\n  wörld\t🙂 <|endoftext|>"
     assert base.decode(base.encode(text)) == text
+    # what the embedded default model ships: transformers loads it and renders the same Tülu chat
+    base.save_pretrained(str(tmp_path))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf.eos_token == hf.pad_token == "<|endoftext|>" and hf.encode(text, add_special_tokens=False) == base.encode(text)
+    for gen in (False, True):
+        want = hf.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=gen, tokenize=False)
+        assert base.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=gen) == want
     # same input -> same tokenizer.json, in this process and in a fresh one (Rust hash seeds differ)
     digest = hashlib.sha256(train_tokenizer(CORPUS, 400, SPECIALS).tok.to_str().encode()).hexdigest()
     assert digest == hashlib.sha256(base.tok.to_str().encode()).hexdigest()
