@@ -161,8 +161,17 @@ class Attention(nn.Module):
         gqa = self.nkv != self.nh
         if mask is None:  # plain causal: lets SDPA pick its fastest (flash) kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif gqa:
+            # SDPA's fused kernels refuse enable_gqa together with a mask and fall back to the math
+            # kernel, which copies K/V once per query head (4x the KV-cache reads of a decode step).
+            # Instead fold the g query heads that share a K/V head into the query-length dim:
+            # (B, nkv, g*T, hd) against (B, nkv, S, hd), each of the g copies with the same mask rows.
+            g = self.nh // self.nkv
+            q = q.reshape(B, self.nkv, g * T, self.hd)  # head h = j*g + i reads K/V head j (HF order)
+            mask = mask if T == 1 else mask.repeat(1, 1, g, 1)  # (B, 1, g*T, S), row i*T + t = row t
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, self.nh, T, self.hd)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -377,3 +386,242 @@ def replace_dir(tmp, path):
     os.rename(tmp, path)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# generation
+#
+# Batched sampling with a preallocated KV cache, for RL rollouts and evaluation. A batch of B prompts
+# is left-padded to the longest, P tokens, and every layer gets K/V buffers of S >= P + max_new_tokens
+# slots, allocated once:
+#
+#   slot   0 .. P-1                  P .. P+N-1
+#          [pad pad | prompt tokens] [one new token per decode step]
+#
+# Prefill runs the padded prompts in one forward (positions restart at 0 at each prompt's first real
+# token; pad keys are masked out). Each decode step then feeds one token per row into the next slot and
+# attends over all S slots, with a (B, 1, 1, S) mask of the slots written so far minus the pads. Every
+# step has the same shapes and only updates tensors in place, so on CUDA the step is captured once as a
+# CUDA graph and replayed: no Python or kernel-launch overhead per layer, and no host sync per token
+# (sampling, the done-mask and the output buffers all stay on the device).
+
+
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, u=None):
+    """Picks one token per row from logits (B, V) fp32; returns tok (B,) and its logp (B,) under the
+    distribution it was drawn from: softmax(logits / temperature), restricted to the top-k / top-p set
+    and renormalised. temperature == 0 is greedy (argmax), and logp is then that of the plain softmax.
+    u (B, V): uniform noise in [0, 1), drawn by the caller from its own generator, so that this
+    function is deterministic and CUDA-graph friendly (no RNG inside)."""
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
+    logits = logits / temperature
+    if 0 < top_k < logits.size(-1):
+        # keep the k largest (ties with the k-th are kept too, as transformers does)
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]               # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p, i.e. drop a
+        # token when the mass of the tokens ranked above it already reaches top_p (the top one stays)
+        srt, idx = logits.sort(-1, descending=True)                    # (B, V)
+        p = srt.softmax(-1)
+        drop = p.cumsum(-1) - p >= top_p
+        logits = logits.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
+    logp = logits.log_softmax(-1)                                      # (B, V), renormalised over the kept set
+    # Gumbel-max: argmax(logp + g), g = -log(-log u) ~ Gumbel(0, 1), is an exact draw from softmax(logp).
+    # u = 0 gives g = -inf (never picked); fp32 u < 1 caps g at ~16.6, a tail of mass ~6e-8 we ignore.
+    tok = (logp - torch.log(-torch.log(u))).argmax(-1)
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+
+def prefill(model, prompts, S):
+    """Runs left-padded prompts (list of B token-id lists) through the model into a fresh KV cache of S
+    slots. Returns logits (B, V) fp32 at each prompt's last token, and the decode state: the cache and
+    the small tensors that decode_step() reads and updates in place."""
+    W = model.lm_head_weight
+    dev, dtype, cfg = W.device, W.dtype, model.cfg
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(B, P, dtype=torch.long)                           # pad id 0: masked, never read
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+    ids = ids.to(dev)
+    n_pad = P - torch.tensor([len(p) for p in prompts], device=dev)     # (B,) left padding per row
+    ar = torch.arange(S, device=dev)
+    # valid[b, s]: slot s holds a real token of row b. Decode steps switch their slot on as they write it.
+    valid = (ar[None, :] >= n_pad[:, None]) & (ar[None, :] < P)         # (B, S)
+    pos = (ar[None, :P] - n_pad[:, None]).clamp(min=0)                  # (B, P) 0 at the first real token
+    # causal over slots, real keys only; a pad query also sees itself, so its softmax is never empty
+    # (an all-masked row would give NaN, and NaN values in the cache would poison even masked reads)
+    causal = ar[None, :] <= ar[:P, None]                                # (P, S)
+    diag = ar[None, :] == ar[:P, None]
+    mask = causal & (valid[:, None, :] | diag)                          # (B, P, S)
+    # zeros, not empty: masked slots are multiplied by 0 in attention, and 0 * NaN garbage = NaN
+    shape = (B, cfg.n_kv_heads, S, cfg.head_dim)
+    cache = [(torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev))
+             for _ in range(cfg.n_layers)]
+    h = model(ids, position_ids=pos, mask=mask[:, None], kv_cache=cache, cache_pos=ar[:P], return_hidden=True)
+    logits = F.linear(h[:, -1], W).float()                              # (B, V) last position only
+    state = dict(cache=cache, valid=valid, tok=ids[:, -1].clone(), pos=P - n_pad,
+                 slot=torch.tensor([P], device=dev))
+    return logits, state
+
+
+def decode_step(model, st):
+    """Feeds st["tok"] (B,) at the next slot; returns the next-token logits (B, V) fp32. Static shapes,
+    in-place updates only: capturable as a CUDA graph."""
+    st["valid"].index_fill_(1, st["slot"], True)                        # the new token sees itself
+    h = model(st["tok"][:, None], position_ids=st["pos"][:, None], mask=st["valid"][:, None, None, :],
+              kv_cache=st["cache"], cache_pos=st["slot"], return_hidden=True)
+    st["pos"] += 1
+    st["slot"] += 1
+    return F.linear(h[:, 0], model.lm_head_weight).float()
+
+
+def fsdp_modules(model):
+    """The FSDP2 (fully_shard) modules inside `model`; empty for a plain model."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, eos_token_ids=(),
+             seed=None, batch_size=None, cuda_graph=True):
+    """
+    Samples continuations of `prompts` (a list of token-id lists, any lengths). Returns
+    (tokens, logprobs), one list per prompt, in the prompts' order:
+      tokens[i]   the new token ids, at most max_new_tokens, ending with the EOS if one was sampled
+                  (any of eos_token_ids; nothing after it),
+      logprobs[i] for each of them, its log-probability under the distribution it was sampled from:
+                  log_softmax(logits / temperature), and with top_k > 0 / top_p < 1 the log-probability
+                  under the truncated distribution renormalised over the kept tokens. temperature=0 is
+                  greedy decoding (top_k/top_p ignored) and logprobs are then log_softmax(logits).
+    Sampling uses its own torch.Generator on the model's device: the same seed gives the same samples
+    for the same prompts, batch_size and device (seed=None: fresh randomness).
+    batch_size: run the prompts in batches of at most this many (None: all at once); prompts are sorted
+    by length first, so a batch holds similar lengths and little padding.
+    cuda_graph: on CUDA (without FSDP), capture the decode step as a CUDA graph.
+
+    FSDP2 (fully_shard): every rank must call this with the same max_new_tokens, eos_token_ids,
+    batch_size and sampling settings (prompts may differ, also in number; pass a per-rank seed, e.g.
+    seed + rank, or two ranks with the same prompts draw the same samples). The parameters are
+    all-gathered once for the whole call, not per token; memory for the full model is needed meanwhile.
+    """
+    if not (temperature >= 0 and 0 < top_p <= 1 and top_k >= 0 and max_new_tokens >= 0):
+        raise ValueError(f"generate: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 0; "
+                         f"got {temperature}, {top_p}, {top_k}, {max_new_tokens}")
+    V = model.cfg.vocab_size
+    for i, p in enumerate(prompts):
+        if len(p) == 0 or min(p) < 0 or max(p) >= V:
+            raise ValueError(f"generate: prompts[{i}] is empty or has a token id outside [0, {V})")
+    fsdp = fsdp_modules(model)
+    sync = bool(fsdp) and torch.distributed.is_initialized()
+    if max_new_tokens == 0:
+        return [[] for _ in prompts], [[] for _ in prompts]
+    # Longest first: similar lengths share a batch, and an out-of-memory shows up in the first batch.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    bs = batch_size or max(len(prompts), 1)
+    batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+    if sync:
+        # every rank runs as many batches as the rank with the most (collective: all ranks call generate)
+        n = torch.tensor(len(batches), device=model.embed_tokens.weight.device)
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+        batches += [[] for _ in range(int(n) - len(batches))]
+    was_training = model.training
+    model.eval()
+    # FSDP2: gather the full parameters once (a collective every rank reaches) and keep them gathered
+    # through every forward of this call, instead of an all-gather per layer per token.
+    # NOTE assumes fully_shard's default reshard_after_forward=True, which we restore at the end
+    # (the root module keeps False, FSDP's own choice for it).
+    for m in fsdp:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        tokens, logprobs = [None] * len(prompts), [None] * len(prompts)
+        gen = torch.Generator(device=model.lm_head_weight.device)
+        seed = torch.Generator().seed() if seed is None else seed
+        for b, idx in enumerate(batches):
+            # a seed per batch: its samples do not depend on how long earlier batches ran (early
+            # stop, or lockstep with other ranks under FSDP)
+            gen.manual_seed((seed * 1_000_003 + b) % 2**63)
+            # a rank out of prompts runs a dummy 1-token prompt, already "done", to stay in lockstep
+            batch = [prompts[i] for i in idx] or [[0]]
+            toks, logps = generate_batch(model, batch, max_new_tokens, temperature, top_p, top_k,
+                                         eos_token_ids, gen, sync, cuda_graph and not fsdp, dummy=not idx)
+            for j, i in enumerate(idx):
+                tokens[i], logprobs[i] = toks[j], logps[j]
+    finally:
+        for m in fsdp:
+            m.set_reshard_after_forward(m is not model, recurse=False)
+            m.reshard()
+        model.train(was_training)
+    return tokens, logprobs
+
+
+def generate_batch(model, prompts, N, temperature, top_p, top_k, eos_token_ids, gen, sync, cuda_graph,
+                   dummy=False):
+    """generate() for one batch that fits on the device at once; N = max_new_tokens."""
+    W = model.lm_head_weight
+    dev, B, V = W.device, len(prompts), W.shape[0]
+    P = max(len(p) for p in prompts)
+    S = -(-(P + N) // 8) * 8                  # slots, rounded up to 8 for aligned mask/cache rows
+    cuda_graph = cuda_graph and dev.type == "cuda" and N > 3
+    check_every = 16 if dev.type == "cuda" else 1  # a host sync (and collective) every this many steps
+    eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=dev)
+    sampling = temperature > 0
+
+    # static buffers: the sampled tokens and their logps, column t per step; which rows hit an EOS
+    out_tok = torch.zeros(B, N, dtype=torch.long, device=dev)
+    out_logp = torch.zeros(B, N, dtype=torch.float32, device=dev)
+    done = torch.full((B,), dummy, dtype=torch.bool, device=dev)
+    t = torch.zeros(1, dtype=torch.long, device=dev)
+    u = torch.empty(B, V, dtype=torch.float32, device=dev) if sampling else None
+
+    def pick(logits, st):
+        tok, logp = sample(logits, temperature, top_k, top_p, u)
+        out_tok.index_copy_(1, t, tok[:, None])
+        out_logp.index_copy_(1, t, logp[:, None])
+        if len(eos):
+            done.logical_or_(tok[:, None].eq(eos).any(-1))
+        st["tok"].copy_(tok)                  # rows already done keep going; their tail is cut below
+        t.add_(1)
+
+    def step():
+        pick(decode_step(model, st), st)
+
+    def still_running():
+        flag = (~done).any().int()
+        if sync:  # lockstep: all ranks stop at the same step (same check_every and N everywhere)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())              # .item() is a host sync: only every check_every steps
+
+    if sampling:
+        u.uniform_(generator=gen)
+    logits, st = prefill(model, prompts, S)
+    pick(logits, st)
+    n, graph = 1, None                        # n: columns of out_tok filled so far
+    while n < N:
+        if len(eos) and n % check_every == 0 and not still_running():
+            break
+        if sampling:
+            u.uniform_(generator=gen)         # the noise comes from our generator, outside the graph
+        if graph is not None:
+            graph.replay()
+        elif cuda_graph and n == 3:
+            # steps 1-2 ran eagerly (warm-up: cuBLAS workspaces, SDPA kernel choice); capturing records
+            # the step's kernels without running them, so replay once right after the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            graph.replay()
+        else:
+            step()
+        n += 1
+    # one transfer at the end; cut every row after its first EOS
+    out_tok, out_logp = out_tok[:, :n].cpu(), out_logp[:, :n].cpu()
+    is_eos = torch.isin(out_tok, eos.cpu())
+    ends = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, n).tolist()
+    return ([out_tok[i, :ends[i]].tolist() for i in range(B)],
+            [out_logp[i, :ends[i]].tolist() for i in range(B)])
