@@ -184,7 +184,9 @@ class Tokenizer:
         gen = _read_json(os.path.join(path, "generation_config.json")) or {}
         mcfg = _read_json(os.path.join(path, "config.json")) or {}
         eos_ids = _ids(gen.get("eos_token_id")) + _ids(mcfg.get("eos_token_id"))
-        return cls(tok, special, template, eos_ids, cfg)
+        out = cls(tok, special, template, eos_ids, cfg)
+        out.generation_config = gen  # written back on save, so every EOS id survives fine-tuning
+        return out
 
     # --- text <-> ids
 
@@ -252,6 +254,12 @@ class Tokenizer:
             json.dump(cfg, f, indent=2, ensure_ascii=False)
         with open(os.path.join(path, "special_tokens_map.json"), "w", encoding="utf-8") as f:
             json.dump(self.special_tokens, f, indent=2, ensure_ascii=False)
+        # generation_config.json carries the EOS ids (often several) that transformers and vLLM stop on
+        gen = {**getattr(self, "generation_config", {}), "eos_token_id": self.eos_token_ids}
+        if self.bos_id is not None:
+            gen.setdefault("bos_token_id", self.bos_id)
+        with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump(gen, f, indent=2)
         # a chat_template.jinja left in `path` would win over the config's template: keep them equal
         jinja_file = os.path.join(path, "chat_template.jinja")
         if os.path.isfile(jinja_file):

@@ -356,6 +356,8 @@ def test_special_tokens_and_eos_ids(ckpts, base, tmp_path):
     assert llama.eos_token_ids == [eot, eot_text]  # tokenizer's eos first, then generation_config's
     assert llama.bos_id == base.token_to_id("<|begin_of_text|>")
     assert llama.pad_id == eot  # no pad token: falls back to EOS
+    llama.save_pretrained(str(tmp_path / "resaved"))  # every EOS id survives a save (generation_config)
+    assert Tokenizer.from_pretrained(str(tmp_path / "resaved")).eos_token_ids == [eot, eot_text]
     tulu = Tokenizer.from_pretrained(ckpts["tulu"][0])
     assert tulu.eos_token_ids == [base.token_to_id("<|end_of_text|>")] and tulu.pad_id == base.token_to_id("<pad>")
     chatml = Tokenizer.from_pretrained(ckpts["chatml"][0])
