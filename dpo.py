@@ -1,0 +1,416 @@
+"""
+Preference tuning, the second stage of Tülu 3 (paper §5): DPO and its variants on (chosen, rejected) pairs.
+
+    python dpo.py                                   # tiny default on the CPU: continues from out/sft/, samples
+                                                    # on-policy pairs judged by the verifiers, writes out/dpo/
+    python dpo.py --ckpt path/to/sft --data prefs.jsonl --preset tulu3-8b
+    torchrun --standalone --nproc_per_node 8 dpo.py --ckpt ... --data ... --preset tulu3-8b
+
+What it does:
+1. One flag picks the loss (--loss-type, see preference_loss): dpo (+ --label-smoothing: conservative
+   DPO), dpo_norm (Tülu 3: DPO on per-token average log-probs, beta 5), simpo (reference-free), ipo, wpo.
+2. A response's log-prob is the sum over its tokens (the last assistant turn only) of log p(token),
+   from the final hidden states through the fused log-prob op (kernels/), never a full fp32 [B, T, V]
+   log-softmax. Chosen and rejected run through the model in one concatenated forward.
+3. The reference is the starting checkpoint. Its log-probs are computed once, before training, and cached
+   beside the output (out/dpo.ref-<hash>.pt, keyed by checkpoint + data + max length): no reference model
+   is resident while training. SimPO needs none.
+4. The loss of an optimizer step is the sum of its per-pair losses divided by its number of pairs, across
+   micro-batches and ranks, so accumulation and world size do not change the gradient.
+5. Without --data the pairs are on-policy, as in Tülu 3: several answers sampled per built-in prompt from
+   the starting model, judged by verifiers.verify, a verified-correct one (chosen) paired with a wrong one
+   (rejected). The run ends with the held-out accuracy next to the starting (SFT) model's.
+Plumbing as in sft.py: AdamW + schedule, FSDP2 under torchrun, atomic checkpoints, --resume, metrics.jsonl.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import (IGNORE, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint, init_distributed, is_dist,
+                    load_model, load_train_state, log_metrics, lr_at, print0, save_checkpoint, seed_everything,
+                    token_logprobs, trim_metrics, write_json)
+from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_jsonl, rlvr_row
+from tokenizer import Tokenizer, tokenize_conversation
+
+LOSS_TYPES = ("dpo", "dpo_norm", "simpo", "ipo", "wpo")
+
+
+def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    chosen_lengths, rejected_lengths, loss_type, beta, gamma_beta_ratio=0.3, label_smoothing=0.0):
+    """Per-pair preference losses. All inputs are (P,) for P pairs: log-probs *summed* over each
+    response's tokens, lengths = the responses' token counts (the ref log-probs may be None for simpo).
+    Returns (losses, chosen_rewards, rejected_rewards), each (P,); the rewards are detached and are the
+    implicit rewards of the loss: beta * (log pi - log pi_ref) (per-token averages for dpo_norm),
+    beta * average log pi for simpo. A pair is "correct" when chosen_rewards > rejected_rewards."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"preference_loss: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "ipo" and label_smoothing:
+        raise ValueError("preference_loss: label smoothing is defined for the sigmoid losses, not ipo")
+    pc, pr = policy_chosen_logps, policy_rejected_logps
+    # per-token averages; an empty response (0 tokens, log-prob 0) averages to 0 instead of 0/0 = NaN
+    # (open-instruct #1685 fixed the same NaN)
+    nc = chosen_lengths.clamp(min=1).to(pc.dtype)
+    nr = rejected_lengths.clamp(min=1).to(pr.dtype)
+    if loss_type in ("dpo_norm", "simpo"):
+        pc, pr = pc / nc, pr / nr
+    if loss_type == "simpo":
+        rc = rr = torch.zeros_like(pc)  # reference-free
+    else:
+        rc, rr = ref_chosen_logps.to(pc.dtype), ref_rejected_logps.to(pr.dtype)
+        if loss_type == "dpo_norm":
+            rc, rr = rc / nc, rr / nr
+    # h = log pi(y_c)/pi_ref(y_c) - log pi(y_r)/pi_ref(y_r): how much more the policy moved toward chosen
+    h = (pc - rc) - (pr - rr)  # (P,)
+    if loss_type == "ipo":
+        # IPO, Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+        # Preferences", eq. 17: (h - 1/(2 tau))^2 with tau = beta, on summed log-probs as in the paper
+        # (TRL averages them per token instead)
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        # DPO, Rafailov et al. 2023, "Direct Preference Optimization", eq. 7: -log sigmoid(beta h).
+        # Label smoothing eps = conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"):
+        # the label is flipped with probability eps, so the loss is the expected BCE under both labels.
+        # dpo_norm: Tülu 3 (Lambert et al. 2024, §5.4) uses this on per-token average log-probs.
+        # SimPO, Meng et al. 2024, eq. 6: -log sigmoid(beta (avg pi_c - avg pi_r) - gamma), no reference,
+        # with the target margin gamma = gamma_beta_ratio * beta.
+        if loss_type == "simpo":
+            h = h - gamma_beta_ratio
+        losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+        if loss_type == "wpo":
+            # WPO, Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization": each pair
+            # weighted by the policy's length-normalised probability of both responses,
+            # exp(avg log pi(y_c) + avg log pi(y_r)), a weight that gets no gradient
+            w = torch.exp(policy_chosen_logps / nc + policy_rejected_logps / nr).clamp(max=1).detach()
+            losses = losses * w
+    return losses, (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()
+
+
+def pick_pair(samples):
+    """samples: [(score, text, finished)] for one prompt -> (chosen, rejected) texts or None.
+    Chosen: the first verified-correct sample (score 1) that ended with EOS (a cut-off answer is not
+    shown as the example to follow); rejected: the first sample that is not fully correct."""
+    good = [t for s, t, done in samples if s >= 1.0 and done]
+    bad = [t for s, t, done in samples if s < 1.0]
+    return (good[0], bad[0]) if good and bad else None
+
+
+def encode_response(tok, msgs, max_len):
+    """-> (ids, labels) of a conversation whose targets are the tokens of its *last* assistant turn only
+    (earlier assistant turns are prompt), right-truncated to max_len; None when no target is left."""
+    ids, mask = tokenize_conversation(tok, msgs)
+    if not any(mask):
+        return None
+    # every assistant turn begins with an untrained header, so the last turn is the final run of True
+    end = max(i for i, m in enumerate(mask) if m) + 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    labels = [IGNORE] * start + ids[start:end] + [IGNORE] * (len(ids) - end)
+    ids, labels = ids[:max_len], labels[:max_len]
+    if all(y == IGNORE for y in labels[1:]):  # the first token is never a target
+        return None
+    return ids, labels
+
+
+if __name__ == "__main__":  # the script; importing dpo gives the functions above without side effects
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # what to train
+    p.add_argument("--ckpt", default=None, help="HF checkpoint to start from, also the reference (default: out/sft)")
+    p.add_argument("--data", nargs="*", default=None, help="preference JSONL files, 'file:fraction' or 'file:count' "
+                   "(default: on-policy pairs on the built-in prompts)")
+    p.add_argument("--out", default="out/dpo")
+    p.add_argument("--preset", choices=["tiny", "tulu3-8b"], default="tiny")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0)
+    # the loss
+    p.add_argument("--loss-type", choices=LOSS_TYPES, default=None)
+    p.add_argument("--beta", type=float, default=None)
+    p.add_argument("--gamma-beta-ratio", type=float, default=0.3, help="simpo's target margin gamma / beta")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO's label noise eps")
+    # data
+    p.add_argument("--max-len", type=int, default=None, help="tokens per sequence (prompt + response), truncated")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
+    p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end")
+    # on-policy pairs (without --data)
+    p.add_argument("--n-prompts", type=int, default=1000, help="built-in preference prompts to sample from")
+    p.add_argument("--samples-per-prompt", type=int, default=4)
+    p.add_argument("--sample-temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    # optimization
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=int, default=None, help="pairs per optimizer step, all ranks")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="pairs per forward (x2 sequences), per rank")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default=None)
+    p.add_argument("--warmup-ratio", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--grad-checkpoint", action="store_true")
+    # checkpoints
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--save-dtype", choices=["fp32", "bf16"], default=None)
+    args = p.parse_args()
+
+    # presets fill whatever was not given on the command line
+    PRESETS = {
+        # the tiny default: on-policy pairs from the tiny SFT model, a minute or two on 2 CPU cores
+        "tiny": dict(loss_type="dpo_norm", beta=5.0, epochs=2, batch_size=32, micro_batch_size=32, lr=3e-4,
+                     schedule="linear", warmup_ratio=0.1, max_len=256, save_dtype="fp32"),
+        # Tülu 3 8B DPO (open-instruct docs/tulu3.md): dpo_norm, beta 5, lr 5e-7 linear, warmup 0.1, wd 0,
+        # 1 epoch, max length 2048, effective batch 128
+        "tulu3-8b": dict(loss_type="dpo_norm", beta=5.0, epochs=1, batch_size=128, micro_batch_size=1, lr=5e-7,
+                         schedule="linear", warmup_ratio=0.1, max_len=2048, save_dtype="bf16"),
+    }
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.data is not None and args.ckpt is None:
+        raise SystemExit("error: --data needs --ckpt (the SFT checkpoint to start from)")
+    builtin = args.data is None
+    args.ckpt = args.ckpt or "out/sft"
+    if not os.path.isfile(os.path.join(args.ckpt, "config.json")):
+        raise SystemExit(f"error: {args.ckpt} is not a checkpoint" + (" (run `python sft.py` first)" if builtin else ""))
+    EVAL_TOKENS = 64  # greedy tokens per held-out prompt, as sft.py, so that the accuracies compare
+
+    # -----------------------------------------------------------------------------
+    # setup: the starting checkpoint is loaded first; it samples the on-policy pairs, gives the
+    # reference log-probs and the baseline accuracy, and (unless resuming) is the policy we train
+
+    rank, world, device = init_distributed()
+    seed_everything(args.seed + rank)
+
+    resumed = find_checkpoint(args.out) if args.resume else None
+    if args.resume and resumed is None:
+        print0(f"--resume: no checkpoint in {args.out}, starting fresh")
+    tok = Tokenizer.from_pretrained(args.ckpt)
+    model = load_model(args.ckpt, device, grad_checkpoint=args.grad_checkpoint)
+    pairs_file = os.path.join(args.out, "pairs.jsonl")
+
+    def on_policy_pairs(rows):
+        """Samples K answers per prompt (rank-strided), judges them, and writes the pairs to pairs.jsonl
+        in the preference format (rank 0); -> counts. Collective: generate runs in lockstep."""
+        from model import generate
+        from verifiers import verify
+        K = args.samples_per_prompt
+        mine = list(range(rank, len(rows), world))
+        prompts = [encode_prompt(tok, rows[i]["messages"]) for i in mine for _ in range(K)]
+        outs, _ = generate(model, prompts, args.max_new_tokens, temperature=args.sample_temperature,
+                           eos_token_ids=tok.eos_token_ids, seed=args.seed * 1000 + rank, batch_size=256)
+        found, n = [], torch.zeros(4, dtype=torch.float64)  # (correct samples, no correct, all correct, pairs)
+        eos = set(tok.eos_token_ids)
+        for j, i in enumerate(mine):
+            r = rows[i]
+            samples = []
+            for out in outs[j * K:(j + 1) * K]:
+                text = tok.decode(out, skip_special_tokens=True)
+                samples.append((verify(r["dataset"], text, r["ground_truth"]), text, bool(out) and out[-1] in eos))
+            s = [x[0] >= 1.0 for x in samples]
+            pair = pick_pair(samples)
+            n += torch.tensor([sum(s), not any(s), all(s), pair is not None], dtype=torch.float64)
+            if pair is not None:
+                found.append((i, {"chosen": r["messages"] + [{"role": "assistant", "content": pair[0]}],
+                                  "rejected": r["messages"] + [{"role": "assistant", "content": pair[1]}],
+                                  "dataset": r["dataset"]}))
+        if is_dist():  # every rank gets every rank's pairs
+            got = [None] * world
+            torch.distributed.all_gather_object(got, found)
+            found = [x for g in got for x in g]
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            with open(pairs_file + ".tmp", "w") as f:
+                f.writelines(json.dumps(row) + "\n" for _, row in sorted(found, key=lambda x: x[0]))
+            os.replace(pairs_file + ".tmp", pairs_file)
+        if is_dist():
+            torch.distributed.barrier()  # pairs.jsonl is complete before anyone reads it
+        return all_reduce(n).tolist()
+
+    held_out, baseline = None, None
+    try:
+        if builtin:
+            from tasks import make_tasks
+            _, prefs, _, held_out = make_tasks(seed=args.seed)
+            if resumed and os.path.isfile(os.path.join(resumed, "pairs.jsonl")):
+                pairs_file = os.path.join(resumed, "pairs.jsonl")  # sampled by the run being resumed
+                print0(f"on-policy pairs: reusing {pairs_file}")
+            else:
+                rows = prefs[:args.n_prompts]
+                t0 = time.time()
+                ok, none_ok, all_ok, n_pairs = on_policy_pairs(rows)
+                K = args.samples_per_prompt
+                print0(f"on-policy pairs: {len(rows)} prompts x {K} samples (temperature {args.sample_temperature}) in "
+                       f"{time.time() - t0:.0f}s; {ok / (len(rows) * K):.1%} of samples verified correct; "
+                       f"{int(n_pairs)} pairs; no pair for {int(none_ok)} prompts with no correct sample and "
+                       f"{int(all_ok)} with no wrong one")
+            spec = [pairs_file]
+        else:
+            spec = args.data
+        rows, n_bad = load_mixture(spec, lambda row, where: (*pref_row(row, where), where), seed=args.seed,
+                                   skip_bad=args.skip_bad)
+        if args.eval_prompts:
+            held_out = [rlvr_row(r, w) for w, r in read_jsonl(args.eval_prompts)]
+        pairs, lengths, n_drop = [], [], 0
+        for chosen, rejected, where in rows:
+            try:
+                c, r = encode_response(tok, chosen, args.max_len), encode_response(tok, rejected, args.max_len)
+            except ValueError as e:  # e.g. a chat template that is not prefix-stable
+                raise DataError(f"{where}: {e}") from None
+            if c is None or r is None:  # a response truncated away entirely: nothing to compare
+                n_drop += 1
+                continue
+            pairs.append((c, r))
+            lengths.append([sum(y != IGNORE for y in c[1][1:]), sum(y != IGNORE for y in r[1][1:]),
+                            len(c[0]) + len(r[0])])
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    # (N, 3): response tokens of chosen and of rejected (what the loss averages over), all tokens of the pair
+    lengths = torch.tensor(lengths, dtype=torch.float32).reshape(-1, 3)
+    N = len(pairs)
+    B, mB = args.batch_size, args.micro_batch_size
+    assert B % (mB * world) == 0, f"--batch-size {B} must be a multiple of micro-batch {mB} x world {world}"
+    accum = B // (mB * world)
+    steps_per_epoch = N // B
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {N} preference pairs is fewer than one batch of {B}")
+    total = min(math.ceil(args.epochs * steps_per_epoch), args.max_steps or 10**12)
+    warmup = int(args.warmup_ratio * total)
+    n_params = sum(q.numel() for q in model.parameters())
+    print0(f"pairs: {N}; {n_bad} bad rows skipped, {n_drop} dropped (a response empty after truncation to "
+           f"--max-len {args.max_len}); mean response tokens chosen {lengths[:, 0].mean():.1f}, "
+           f"rejected {lengths[:, 1].mean():.1f}")
+    print0(f"model: {n_params / 1e6:.2f}M parameters | world {world} | batch {B} pairs = micro {mB} x accum {accum} "
+           f"x world {world} | {total} steps ({steps_per_epoch}/epoch), warmup {warmup} | device {device}")
+    print0(f"loss: {args.loss_type}, beta {args.beta}" + (f", gamma/beta {args.gamma_beta_ratio}" if args.loss_type ==
+           "simpo" else "") + (f", label smoothing {args.label_smoothing}" if args.label_smoothing else ""))
+
+    def sequence_logps(idx):
+        """Summed log-probs of the chosen and rejected responses of pairs[idx]: (n,), (n,) fp32.
+        One forward over the 2n sequences, chosen first, right-padded to a common length."""
+        n = len(idx)
+        batch = pad_batch([pairs[i][0] for i in idx] + [pairs[i][1] for i in idx], tok.pad_id, device)
+        logp = token_logprobs(model, batch["input_ids"], batch["targets"]).sum(-1)  # (2n,), 0 off-target
+        return logp[:n], logp[n:]
+
+    # -----------------------------------------------------------------------------
+    # reference log-probs: once, with the starting model, cached beside the output
+
+    ref = torch.zeros(N, 2, dtype=torch.float64)  # (N, 2) summed log pi_ref: chosen, rejected
+    if args.loss_type != "simpo":
+        # key: the checkpoint (path, and its files' names, sizes and times: a retrained checkpoint misses),
+        # the exact token ids and targets of every pair (data, tokenizer, template, max length), max length
+        h = hashlib.sha256(f"{os.path.realpath(args.ckpt)}|{args.max_len}".encode())
+        for f in sorted(os.listdir(args.ckpt)):
+            if f.endswith(".safetensors") or f == "config.json":
+                st = os.stat(os.path.join(args.ckpt, f))
+                h.update(f"|{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+        for c, r in pairs:
+            for ids, labels in (c, r):
+                h.update(np.asarray(ids + [-1] + labels + [-2], dtype=np.int64).tobytes())
+        key = h.hexdigest()[:16]
+        cache = f"{os.path.abspath(args.out)}.ref-{key}.pt"
+        # every rank must take the same branch (the computation is collective): hit only if all see the file
+        if all_reduce(float(not os.path.isfile(cache)), op="max") == 0:
+            ref = torch.load(cache, map_location="cpu")["logps"]
+            print0(f"reference log-probs: loaded {cache}")
+        else:
+            t0 = time.time()
+            model.eval()
+            with torch.no_grad():
+                for j in range(0, N, mB * world):
+                    idx = list(range(j + rank * mB, min(j + (rank + 1) * mB, N)))
+                    # a rank out of pairs runs a dummy batch: FSDP forwards are collective
+                    pc, pr = sequence_logps(idx or [0])
+                    if idx:
+                        ref[idx] = torch.stack([pc, pr], 1).double().cpu()
+            model.train()
+            if hasattr(model, "reshard"):
+                # NOTE FSDP2 leaves the root's parameters unsharded after a forward without backward; an
+                # optimizer built now would hold those temporary tensors instead of the sharded parameters
+                model.reshard()
+            ref = all_reduce(ref).cpu()  # each pair was filled by exactly one rank
+            if rank == 0:
+                torch.save({"logps": ref, "ckpt": args.ckpt, "max_len": args.max_len}, cache + ".tmp")
+                os.replace(cache + ".tmp", cache)
+            print0(f"reference log-probs: {N} pairs in {time.time() - t0:.0f}s, cached in {cache}")
+
+    # baseline accuracy on the held-out prompts: the SFT run's own eval.json when it scored these
+    # prompts (the built-in held-out set of the same seed) with the same decoding, else the start model
+    if held_out is not None:
+        sft_eval, sft_args = os.path.join(args.ckpt, "eval.json"), os.path.join(args.ckpt, "args.json")
+        if builtin and os.path.isfile(sft_eval) and os.path.isfile(sft_args):
+            a = json.load(open(sft_args))
+            if a.get("seed") == args.seed and a.get("data") is None and a.get("eval_prompts") is None:
+                baseline = json.load(open(sft_eval))
+        if baseline is None:
+            baseline = evaluate(model, tok, held_out, max_new_tokens=EVAL_TOKENS)
+
+    # -----------------------------------------------------------------------------
+    # training loop
+
+    if resumed:  # the policy continues from the checkpoint; the start model has done its part
+        del model
+        model = load_model(resumed, device, grad_checkpoint=args.grad_checkpoint)
+    model.train()
+    opt = build_optimizer(model, args.lr, args.weight_decay)
+    start = 0
+    if resumed:
+        start = load_train_state(resumed, model, opt)["step"]
+        print0(f"resumed from {resumed} at step {start}")
+    trim_metrics(args.out, start)  # rows after the checkpoint are about to be redone (all rows, if fresh)
+    save_dtype = torch.bfloat16 if args.save_dtype == "bf16" else torch.float32
+    bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, desc="dpo")
+    for step in bar:
+        t0 = time.time()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, args.lr, warmup, args.schedule)
+        # this rank's pairs of the step: a pure function of (seed, step), so a resumed run sees the same batches
+        order = epoch_order(N, step // steps_per_epoch, args.seed)
+        i = step % steps_per_epoch
+        mine = order[i * B:(i + 1) * B][rank::world]
+        # summed over the step's pairs: loss, rewards chosen/rejected, correct pairs, policy logps, tokens in
+        stats = torch.zeros(7, dtype=torch.float64)
+        for j in range(0, len(mine), mB):
+            idx = mine[j:j + mB]
+            pc, pr = sequence_logps(idx)
+            rf, n = ref[idx].to(device), lengths[idx].to(device)
+            losses, rc, rr = preference_loss(pc, pr, rf[:, 0], rf[:, 1], n[:, 0], n[:, 1], args.loss_type,
+                                             args.beta, args.gamma_beta_ratio, args.label_smoothing)
+            # every step has exactly B pairs: dividing each micro-batch's sum by B makes the accumulated
+            # gradient that of the step's mean pair loss; FSDP averages over ranks, * world undoes that
+            (losses.sum() / B * world).backward()
+            stats += torch.stack([losses.sum(), rc.sum(), rr.sum(), (rc > rr).sum(), pc.sum(), pr.sum(),
+                                  n[:, 2].sum()]).detach().double().cpu()
+        stats = (all_reduce(stats).cpu() / B).tolist()
+        if not math.isfinite(stats[0]):
+            raise SystemExit(f"error: loss is {stats[0]} at step {step}; stopping. The last good checkpoint "
+                             f"(if any) is untouched in {args.out}")
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        gnorm = gnorm.full_tensor().item() if hasattr(gnorm, "full_tensor") else gnorm.item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        row = {"step": step, "loss": stats[0], "reward_chosen": stats[1], "reward_rejected": stats[2],
+               "margin": stats[1] - stats[2], "accuracy": stats[3], "logp_chosen": stats[4], "logp_rejected": stats[5],
+               "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm, "tok_per_s": stats[6] * B / (time.time() - t0)}
+        log_metrics(args.out, row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.3f}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
+            save_checkpoint(args.out, model, tok, opt, {"step": step + 1, "args": vars(args)}, dtype=save_dtype)
+
+    save_checkpoint(args.out, model, tok, opt, {"step": total, "args": vars(args)}, dtype=save_dtype)
+    write_json(os.path.join(args.out, "args.json"), vars(args))
+    if held_out is not None:
+        res = evaluate(model, tok, held_out, max_new_tokens=EVAL_TOKENS)
+        write_json(os.path.join(args.out, "eval.json"), {**res, "start": baseline})
+        fmt = lambda r: f"{r['accuracy']:.3f} (" + ", ".join(  # noqa: E731
+            f"{k} {v['accuracy']:.3f}" for k, v in r["per_task"].items()) + ")"
+        print0(f"held-out accuracy on {res['n']} prompts: start {fmt(baseline)} -> dpo {fmt(res)}")
+    print0(f"saved {args.out}")
+    cleanup()

@@ -1,0 +1,356 @@
+"""
+dpo.py: every loss against a float64 implementation of its paper's formula (values and gradients), the
+reward/accuracy definitions, cached reference log-probs, a tiny run that learns, 2-rank FSDP parity,
+kill-and-resume, bad input.
+
+    python -m pytest tests/test_dpo.py -v
+"""
+import json
+import math
+import os
+import random
+import runpy
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tasks
+from common import IGNORE
+from data import epoch_order, pad_batch
+from dpo import LOSS_TYPES, encode_response, pick_pair, preference_loss
+from model import Llama
+from tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+
+# -----------------------------------------------------------------------------
+# the losses: float64 references written from the papers, derivatives worked out by hand
+
+
+def logsig(z):  # log sigmoid(z), stable for large |z|
+    return -(max(-z, 0.0) + math.log1p(math.exp(-abs(z))))
+
+
+def sig(z):
+    return math.exp(logsig(z))
+
+
+def paper_loss(kind, pc, pr, rc, rr, nc, nr, beta, gbr, eps):
+    """One pair, python floats (float64). -> (loss, dloss/dpc, dloss/dpr, reward_c, reward_r), where
+    pc/pr are the policy's summed log-probs of chosen/rejected and rc/rr the reference's."""
+    nc, nr = max(nc, 1), max(nr, 1)  # an empty response averages to 0
+    if kind == "ipo":
+        # Azar et al. 2023 eq. 17: (h - 1/(2 tau))^2, h = log [pi(yw) pi_ref(yl) / (pi(yl) pi_ref(yw))]
+        h = (pc - rc) - (pr - rr)
+        g = 2 * (h - 1 / (2 * beta))
+        return (h - 1 / (2 * beta)) ** 2, g, -g, beta * (pc - rc), beta * (pr - rr)
+    if kind == "simpo":
+        # Meng et al. 2024 eq. 6: -log sigmoid(beta/|yw| log pi(yw) - beta/|yl| log pi(yl) - gamma)
+        z = beta * pc / nc - beta * pr / nr - gbr * beta
+        dzc, dzr = beta / nc, -beta / nr
+        rw_c, rw_r = beta * pc / nc, beta * pr / nr
+    elif kind == "dpo_norm":
+        # Tülu 3: DPO (Rafailov et al. 2023 eq. 7) on per-token average log-probs
+        z = beta * ((pc / nc - rc / nc) - (pr / nr - rr / nr))
+        dzc, dzr = beta / nc, -beta / nr
+        rw_c, rw_r = beta * (pc - rc) / nc, beta * (pr - rr) / nr
+    else:  # dpo, wpo: DPO on summed log-probs
+        z = beta * ((pc - rc) - (pr - rr))
+        dzc, dzr = beta, -beta
+        rw_c, rw_r = beta * (pc - rc), beta * (pr - rr)
+    # conservative DPO: with prob eps the label is flipped
+    loss = -(1 - eps) * logsig(z) - eps * logsig(-z)
+    dz = -(1 - eps) * sig(-z) + eps * sig(z)
+    w = 1.0
+    if kind == "wpo":  # Zhou et al. 2024: weight exp(avg log pi(yw) + avg log pi(yl)), held constant
+        w = min(1.0, math.exp(pc / nc + pr / nr))
+    return w * loss, w * dz * dzc, w * dz * dzr, rw_c, rw_r
+
+
+def random_pairs(P, seed, dtype=torch.float64):
+    """Random summed log-probs and lengths (some zero: empty responses have log-prob 0)."""
+    g = torch.Generator().manual_seed(seed)
+    nc, nr = torch.randint(0, 30, (P,), generator=g), torch.randint(0, 30, (P,), generator=g)
+    nc[:3] = 0
+    nr[2:5] = 0
+    per_tok = lambda: torch.rand(P, generator=g, dtype=dtype) * 3 + 0.05  # noqa: E731
+    pc, pr = -nc * per_tok(), -nr * per_tok()
+    rc, rr = pc + torch.randn(P, generator=g, dtype=dtype) * 2 * (nc > 0), pr + torch.randn(P, generator=g, dtype=dtype) * 2 * (nr > 0)
+    return pc, pr, rc, rr, nc, nr
+
+
+SETTINGS = [("dpo", 0.1, 0.0), ("dpo", 0.5, 0.2), ("dpo_norm", 5.0, 0.0), ("dpo_norm", 2.0, 0.1), ("simpo", 2.0, 0.0),
+            ("simpo", 10.0, 0.1), ("ipo", 0.1, 0.0), ("ipo", 0.5, 0.0), ("wpo", 0.1, 0.0), ("wpo", 1.0, 0.3)]
+
+
+@pytest.mark.parametrize("kind,beta,eps", SETTINGS)
+def test_loss_matches_paper(kind, beta, eps):
+    assert {k for k, _, _ in SETTINGS} == set(LOSS_TYPES)
+    gbr = 0.3 if kind != "simpo" or beta < 5 else 0.5
+    pc, pr, rc, rr, nc, nr = random_pairs(64, seed=SETTINGS.index((kind, beta, eps)))
+    want = torch.tensor([paper_loss(kind, *(float(t[i]) for t in (pc, pr, rc, rr, nc, nr)), beta, gbr, eps)
+                         for i in range(64)], dtype=torch.float64)  # (P, 5)
+    pc.requires_grad_(True)
+    pr.requires_grad_(True)
+    losses, rw_c, rw_r = preference_loss(pc, pr, None if kind == "simpo" else rc, None if kind == "simpo" else rr,
+                                         nc, nr, kind, beta, gamma_beta_ratio=gbr, label_smoothing=eps)
+    losses.sum().backward()
+    assert losses.dtype == torch.float64 and losses.shape == (64,)
+    torch.testing.assert_close(losses.detach(), want[:, 0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pc.grad, want[:, 1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pr.grad, want[:, 2], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(rw_c, want[:, 3], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(rw_r, want[:, 4], rtol=1e-10, atol=1e-12)
+    assert not rw_c.requires_grad and not rw_r.requires_grad
+    # fp32 inputs (what the script passes) agree to fp32 precision
+    f = [t.detach().float() for t in (pc, pr, rc, rr)]
+    l32, _, _ = preference_loss(*f, nc, nr, kind, beta, gamma_beta_ratio=gbr, label_smoothing=eps)
+    assert l32.dtype == torch.float32
+    torch.testing.assert_close(l32.double(), want[:, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_zero_length_responses_give_no_nan():
+    for kind in LOSS_TYPES:
+        z = torch.zeros(4, dtype=torch.float32, requires_grad=True)
+        n = torch.zeros(4, dtype=torch.long)
+        losses, rw_c, rw_r = preference_loss(z, z, z.detach(), z.detach(), n, n, kind, 5.0)
+        losses.sum().backward()
+        assert torch.isfinite(losses).all() and torch.isfinite(z.grad).all(), kind
+        assert torch.isfinite(rw_c).all() and torch.isfinite(rw_r).all(), kind
+
+
+def test_loss_argument_errors():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="loss_type"):
+        preference_loss(x, x, x, x, x, x, "kto", 0.1)
+    with pytest.raises(ValueError, match="ipo"):
+        preference_loss(x, x, x, x, x, x, "ipo", 0.1, label_smoothing=0.1)
+
+
+def test_wpo_weight_has_no_gradient():
+    # d/dpc of w * l with w held constant is w * dl/dpc; were w differentiated, the extra term w/nc * l would show
+    pc, pr = torch.tensor([-4.0], requires_grad=True), torch.tensor([-6.0], requires_grad=True)
+    n = torch.tensor([2])
+    preference_loss(pc, pr, torch.tensor([-5.0]), torch.tensor([-5.0]), n, n, "wpo", 1.0)[0].sum().backward()
+    w = math.exp(-2 - 3)
+    assert pc.grad.item() == pytest.approx(-w * sig(-(1.0 - -1.0)), rel=1e-5)
+
+
+def test_pick_pair():
+    assert pick_pair([(0.0, "a", True), (1.0, "b", True), (1.0, "c", True), (0.0, "d", True)]) == ("b", "a")
+    assert pick_pair([(1.0, "a", True), (1.0, "b", True)]) is None            # no wrong answer
+    assert pick_pair([(0.0, "a", True), (0.5, "b", True)]) is None            # no fully correct answer
+    assert pick_pair([(1.0, "cut", False), (0.0, "w", True)]) is None         # a cut-off answer is never chosen
+    assert pick_pair([(1.0, "ok", True), (1.0, "cut", False), (0.0, "w", False)]) == ("ok", "w")
+
+
+# -----------------------------------------------------------------------------
+# the script on a tiny model
+
+
+def make_pairs(n, seed=0):
+    """Arithmetic pairs: chosen is right and short, rejected wrong and longer; mixed row formats."""
+    rng, rows = random.Random(seed), []
+    for i in range(n):
+        a, b = rng.randint(2, 30), rng.randint(2, 30)
+        q = f"{tasks.NAMES[i % len(tasks.NAMES)]} has {a} pens and finds {b} more. How many pens now?"
+        good, bad = f"{a} + {b} = {a + b}.\n#### {a + b}", f"{a} + {b} is {a + b + 3}, I think.\n#### {a + b + 3}"
+        if i % 3 == 0:  # {"prompt", "chosen", "rejected"} with strings
+            rows.append({"prompt": q, "chosen": good, "rejected": bad})
+        else:  # full conversations, a third of them multi-turn
+            p = [{"role": "user", "content": q}]
+            if i % 3 == 1:
+                p = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}] + p
+            rows.append({"chosen": p + [{"role": "assistant", "content": good}],
+                         "rejected": p + [{"role": "assistant", "content": bad}]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random base checkpoint; prefs.jsonl with 48 pairs plus one whose prompt alone is longer
+    than --max-len 64 (dropped)."""
+    d = tmp_path_factory.mktemp("dpo")
+    rows = make_pairs(48) + [{"prompt": "Please add all of these numbers for me. " * 12, "chosen": "5", "rejected": "6"}]
+    convs = [{"messages": r["chosen"]} if "chosen" in r and isinstance(r["chosen"], list) else
+             {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["rejected"]}]}
+             for r in rows]
+    base = tasks.make_base_checkpoint(str(d / "base"), convs, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                                      ffn_dim=64, vocab_size=300)
+    path = str(d / "prefs.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return base, path, d
+
+
+# 48 pairs, 8 per step (micro-batches of 4 pairs), 2 epochs: 12 steps, a checkpoint every 3
+ARGS = ["--loss-type", "dpo", "--beta", "0.5", "--lr", "1e-2", "--batch-size", "8", "--micro-batch-size", "4",
+        "--max-len", "64", "--epochs", "2", "--save-every", "3"]
+
+
+def run_dpo(tiny, out, *extra, nproc=1, wait=True):
+    base, path, _ = tiny
+    cmd = ["dpo.py", "--ckpt", base, "--data", path, "--out", str(out), *ARGS, *map(str, extra)]
+    cmd = [sys.executable, *cmd] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def metrics(out):
+    return [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def run_a(tiny):
+    """The uninterrupted single-process run the others are compared with."""
+    out = tiny[2] / "a"
+    return out, run_dpo(tiny, out)
+
+
+def encoded_pairs(tiny):
+    """The pairs in the order the script uses (load_mixture's seeded shuffle), encoded."""
+    from data import load_mixture, pref_row
+    tok = Tokenizer.from_pretrained(tiny[0])
+    rows, _ = load_mixture([tiny[1]], pref_row, seed=0)
+    enc = [(encode_response(tok, c, 64), encode_response(tok, r, 64)) for c, r in rows]
+    return [e for e in enc if e[0] is not None and e[1] is not None]
+
+
+@torch.no_grad()
+def logps64(ckpt, pairs):
+    """Summed log-probs of chosen and rejected, (N, 2), from a float64 full log-softmax: the on-the-fly
+    computation a resident reference model would do."""
+    model = Llama.from_pretrained(ckpt, dtype=torch.float64)
+    out = []
+    for c, r in pairs:
+        b = pad_batch([c, r], 0)
+        logp = model(b["input_ids"]).log_softmax(-1)                                  # (2, T, V)
+        y = b["targets"]
+        out.append((logp.gather(-1, y.clamp(min=0)[..., None])[..., 0] * (y != IGNORE)).sum(-1))
+    return torch.stack(out)
+
+
+def test_encode_response_targets_the_last_turn(tiny):
+    tok = Tokenizer.from_pretrained(tiny[0])
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "2 + 3 = 5.\n#### 5"}]
+    ids, labels = encode_response(tok, msgs, 512)
+    assert tok.decode([t for t in labels if t != IGNORE]) == "2 + 3 = 5.\n#### 5<|endoftext|>"
+    assert [i for i, t in zip(ids, labels) if t != IGNORE] == [t for t in labels if t != IGNORE]
+    trained = [t for t in labels if t != IGNORE]
+    cut = encode_response(tok, msgs, len(ids) - 3)  # right-truncated: the response loses its last 3 tokens
+    assert [t for t in cut[1] if t != IGNORE] == trained[:-3]
+    # the last turn truncated away: nothing to compare, even though the earlier assistant turn survives
+    assert encode_response(tok, msgs, 12) is None
+
+
+def test_run_learns_and_caches_reference(tiny, run_a):
+    out, log = run_a
+    assert "pairs: 48;" in log and "1 dropped" in log
+    pairs = encoded_pairs(tiny)
+    assert len(pairs) == 48
+    # the cache beside the output holds the start model's log-probs, equal to the on-the-fly ones
+    caches = [f for f in os.listdir(out.parent) if f.startswith("a.ref-") and f.endswith(".pt")]
+    assert len(caches) == 1
+    cached = torch.load(out.parent / caches[0])["logps"]
+    start = logps64(tiny[0], pairs)
+    torch.testing.assert_close(cached, start, rtol=0, atol=2e-4)
+    # step 0: the policy is the reference, so the rewards are 0, no pair is "correct" (strict >),
+    # the loss is log 2, and the policy log-probs are the start model's on the step's pairs
+    m = metrics(out)
+    assert [r["step"] for r in m] == list(range(12))
+    first = epoch_order(48, 0, 0)[:8]
+    assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert m[0]["reward_chosen"] == m[0]["reward_rejected"] == m[0]["margin"] == m[0]["accuracy"] == 0
+    assert m[0]["logp_chosen"] == pytest.approx(start[first, 0].mean().item(), abs=1e-3)
+    assert m[0]["logp_rejected"] == pytest.approx(start[first, 1].mean().item(), abs=1e-3)
+    # a few steps raise the margin; measured independently on all pairs with the final weights
+    assert m[-1]["margin"] > 1 and m[-1]["accuracy"] == 1 and m[-1]["loss"] < 0.1
+    end = logps64(str(out), pairs)
+    margin = 0.5 * ((end[:, 0] - start[:, 0]) - (end[:, 1] - start[:, 1]))
+    assert margin.mean() > 1 and (margin > 0).float().mean() > 0.9
+
+
+def test_simpo_rewards_and_accuracy(tiny):
+    """SimPO needs no reference (no cache is written); step 0's metrics follow the definitions, from
+    float64 log-probs of the start model: reward = beta * average log-prob, accuracy = share of pairs
+    with reward_chosen > reward_rejected, loss = mean -log sigmoid(beta (avg_c - avg_r) - gamma)."""
+    out = tiny[2] / "simpo"
+    log = run_dpo(tiny, out, "--loss-type", "simpo", "--beta", "2.0", "--gamma-beta-ratio", "0.5", "--max-steps", "1")
+    assert "reference log-probs" not in log
+    assert not [f for f in os.listdir(out.parent) if f.startswith("simpo.ref-")]
+    pairs = encoded_pairs(tiny)
+    idx = epoch_order(48, 0, 0)[:8]
+    lp = logps64(tiny[0], [pairs[i] for i in idx])                                    # (8, 2)
+    n = torch.tensor([[sum(t != IGNORE for t in x[1][1:]) for x in pairs[i]] for i in idx], dtype=torch.float64)
+    avg = lp / n
+    rw = 2.0 * avg
+    (m,) = metrics(out)
+    assert m["reward_chosen"] == pytest.approx(rw[:, 0].mean().item(), abs=1e-4)
+    assert m["reward_rejected"] == pytest.approx(rw[:, 1].mean().item(), abs=1e-4)
+    assert m["margin"] == pytest.approx((rw[:, 0] - rw[:, 1]).mean().item(), abs=1e-4)
+    assert m["accuracy"] == (rw[:, 0] > rw[:, 1]).double().mean().item()
+    want = torch.nn.functional.softplus(-(2.0 * (avg[:, 0] - avg[:, 1]) - 0.5 * 2.0)).mean()
+    assert m["loss"] == pytest.approx(want.item(), abs=1e-4)
+
+
+def test_two_ranks_equal_one(tiny, run_a):
+    out = tiny[2] / "d"
+    run_dpo(tiny, out, nproc=2)  # micro 4 x accum 1 x world 2 vs micro 4 x accum 2 x world 1
+    a, d = metrics(run_a[0]), metrics(out)
+    assert len(a) == len(d) == 12
+    for key in ("loss", "margin", "accuracy", "logp_chosen"):
+        assert max(abs(x[key] - y[key]) for x, y in zip(a, d)) < 1e-4, key
+    assert max_diff(load_file(run_a[0] / "model.safetensors"), load_file(out / "model.safetensors")) < 1e-4
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny, run_a):
+    out = tiny[2] / "c"
+    proc = run_dpo(tiny, out, wait=False)
+    state = out / "train_state.pt"
+    deadline = time.time() + 240
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # kill -9 right after the first periodic checkpoint
+    proc.wait()
+    assert state.exists(), proc.stderr.read()[-2000:]
+    step = torch.load(state, weights_only=False)["step"]
+    assert 3 <= step < 12
+    log = run_dpo(tiny, out, "--resume")
+    assert f"resumed from {out} at step {step}" in log and "reference log-probs: loaded" in log
+    m, a = metrics(out), metrics(run_a[0])
+    assert [r["step"] for r in m] == list(range(12))  # the steps after the checkpoint were not logged twice
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, m)) < 1e-6
+    assert max_diff(load_file(run_a[0] / "model.safetensors"), load_file(out / "model.safetensors")) < 1e-6
+
+
+def test_bad_preference_data_is_one_clear_error(tiny, tmp_path, monkeypatch, capsys):
+    good = json.dumps(make_pairs(1)[0])
+    other = {"chosen": [{"role": "user", "content": "A?"}, {"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "user", "content": "B?"}, {"role": "assistant", "content": "b"}]}
+    cases = {"malformed": (good + "\n{not json\n", ":2: malformed JSON"),
+             "prompts": (good + "\n" + json.dumps(other) + "\n", ":2: chosen and rejected must share the same prompt"),
+             "missing": (json.dumps({"chosen": other["chosen"]}) + "\n", ":1: a preference row needs 'chosen' and 'rejected'"),
+             "empty": ("", ": empty file")}
+    for name, (text, msg) in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(text)
+        monkeypatch.setattr(sys, "argv", ["dpo.py", "--ckpt", tiny[0], "--data", str(path), "--out", str(tmp_path / "o")])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(ROOT, "dpo.py"), run_name="__main__")
+        err = str(e.value)
+        assert err.startswith(f"error: {path}{msg}") and "\n" not in err, err
