@@ -44,6 +44,12 @@ import verifiers_ifeval as vif
 MAX_CHARS = 100_000  # longer responses score 0 (a counted failure): no model of ours writes that much
 SYMPY_TIMEOUT = 5.0  # seconds of wall clock per math() call for the symbolic check (the reference: 5 s)
 FAILURES = collections.Counter()  # "verifier:reason" -> number of responses scored 0 because of it
+_FAILURES_LOCK = threading.Lock()
+
+
+def _failed(name, e):
+    with _FAILURES_LOCK:  # verifiers run in threads (RL reward workers)
+        FAILURES[f"{name}:{type(e).__name__}"] += 1
 
 
 def _guarded(name, fn, response, *args, default=0.0):
@@ -55,7 +61,7 @@ def _guarded(name, fn, response, *args, default=0.0):
             raise ValueError("response longer than MAX_CHARS")
         return fn(response, *args)
     except Exception as e:  # noqa: BLE001 any failure on model output scores 0, by design
-        FAILURES[f"{name}:{type(e).__name__}"] += 1
+        _failed(name, e)
         return default
 
 
@@ -647,6 +653,11 @@ def _to_sympy(t, S):
 def _sympy_worker():
     """Worker loop (run as `python verifiers.py --sympy-worker`): one JSON list of AST pairs per line
     in, "1" (some pair is equal) or "0" out."""
+    try:  # a runaway power (2^{10^{10}}) raises MemoryError instead of eating the machine's memory
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+    except (ImportError, ValueError, OSError):
+        pass
     import sympy as S
     sys.stdout.write("ready\n")
     sys.stdout.flush()
@@ -687,14 +698,19 @@ def _sympy_worker_call(pairs, timeout):
             _IDLE.clear()
             _IDLE_PID[0] = os.getpid()
         p = _IDLE.pop() if _IDLE else None
+    if p is not None and p.poll() is not None:
+        p = None  # it died (killed from outside): start another
     if p is None:  # start-up (importing sympy, ~1 s) is not charged to the call's timeout
         p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--sympy-worker"], bufsize=0,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         if _readline(p, time.monotonic() + 120) != b"ready":
             p.kill()
             raise RuntimeError("the sympy worker process did not start")
-    p.stdin.write(json.dumps(pairs).encode() + b"\n")
-    out = _readline(p, time.monotonic() + timeout)
+    try:
+        p.stdin.write(json.dumps(pairs).encode() + b"\n")
+        out = _readline(p, time.monotonic() + timeout)
+    except OSError:
+        out = None
     if out is None:
         p.kill()
         p.wait()
@@ -750,7 +766,7 @@ def _follows(response, check, kw, loose):
             if v.strip() and check(v, **kw):  # an empty response follows nothing
                 return True
         except Exception as e:  # noqa: BLE001
-            FAILURES[f"ifeval:{type(e).__name__}"] += 1
+            _failed("ifeval", e)
     return False
 
 

@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import time
 
 import pytest
@@ -234,6 +235,45 @@ def test_sympy_timeout_scores_zero_and_is_counted(monkeypatch):
     assert time.monotonic() - t < 1.0 + 1.5
     assert V.FAILURES["math:TimeoutError"] == before + 1
     assert V.math("$\\boxed{2\\sqrt{2}}$", "\\sqrt{8}") == 1.0  # a fresh worker replaces the killed one
+
+
+def test_runaway_power_is_cut_off():
+    t = time.monotonic()
+    assert V.math("$\\boxed{2^{10^{10}}}$", "3") == 0.0  # SIGALRM cannot interrupt this in the reference
+    assert time.monotonic() - t < call_bound("math")
+
+
+def test_linear_rewrites_equal_reference_regexes():
+    # The reference's regexes are quadratic on some inputs; our rewrites must give the same results.
+    def ref_norm(s):
+        s = re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", "$\\3$", s)
+        for cmd in ("text", "textbf", "overline"):
+            s = re.sub(r"(\\" + cmd + r"\{)(.*?)(\})", "\\2", s)
+        return re.sub(r"(\\boxed\{)(.*)(\})", "\\2", s)
+
+    def ref_unnormalized(s):
+        m = re.search(r"Final Answer: The final answer is(.*?). I hope it is correct.", s + "I hope it is correct.")
+        return m.group(1).strip() if m else V.INVALID
+
+    def ref_bullets(s):
+        return len(re.findall(r"^\s*\*[^\*].*$", s, flags=re.M)) + len(re.findall(r"^\s*-.*$", s, flags=re.M))
+
+    def our_norm(s):  # normalize_final_answer's regex steps only
+        s = V._lines(s, V._first_dollar_span)
+        for cmd in ("\\text{", "\\textbf{", "\\overline{"):
+            s = V._lines(s, lambda line: V._unwrap_lazy(line, cmd))
+        return V._lines(s, lambda line: V._unwrap_greedy(line, "\\boxed{"))
+
+    rng = random.Random(0)
+    pieces = ["\\text{", "\\boxed{", "\\overline{", "<<", ">>", "Final Answer: The final answer is",
+              ". I hope it is correct.", " I hope it is correct", "$", "}", "{", "\n", "*", "-", " ", "[", "]", "a"]
+    for _ in range(5000):
+        s = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        assert our_norm(s) == ref_norm(s), s
+        assert V.get_unnormalized_answer(s) == ref_unnormalized(s), s
+        assert I._bullets(s, ref_bullets(s)), s
+        assert I._placeholders(s, 2) == (len(re.findall(r"\[.*?\]", s)) >= 2), s
+        assert I._title(s) == any(t.lstrip("<").rstrip(">").strip() for t in re.findall(r"<<[^\n]+>>", s)), s
 
 
 def test_math_bad_ground_truth_is_an_error():
