@@ -142,15 +142,11 @@ def lr_at(step, total, lr, warmup, kind="linear"):
 
 
 def token_logprobs(model, input_ids, targets, temperature=1.0, **fw):
-    """log p(targets[b, t] | input_ids[b, :t+1]) as (B, T) fp32; 0 where targets == IGNORE.
-    The output projection and log-softmax are fused (kernels/): on CUDA a Triton kernel that
-    streams over the vocabulary, on the CPU a chunked PyTorch reference."""
-    from kernels import fused_linear_logprobs
-    h = model(input_ids, return_hidden=True, **fw)  # (B, T, C)
-    B, T, C = h.shape
-    logp = fused_linear_logprobs(h.reshape(B * T, C), model.lm_head_weight, targets.reshape(B * T),
-                                 temperature=temperature, ignore_index=IGNORE)
-    return logp.view(B, T)
+    """log p(targets[b, t] | input_ids[b, :t+1]) / temperature-scaled, as (B, T) fp32; 0 where
+    targets == IGNORE. The output projection and log-softmax are fused (kernels/): on CUDA a Triton
+    kernel that streams over the vocabulary, on the CPU a chunked PyTorch reference. Computed inside
+    the model's forward, where FSDP2 has the output projection unsharded."""
+    return model(input_ids, targets=targets, temperature=temperature, **fw)
 
 
 # -----------------------------------------------------------------------------

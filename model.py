@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -243,14 +244,18 @@ class Llama(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, input_ids, position_ids=None, doc_ids=None, mask=None, kv_cache=None,
-                cache_pos=None, return_hidden=False):
+                cache_pos=None, return_hidden=False, targets=None, temperature=1.0, reduction="none"):
         """
         input_ids (B, T). Attention is causal; optionally also
           doc_ids (B, T): packed sequences, a token attends only to earlier tokens of the same doc id
                           (padding can take its own id); position_ids should then restart per document.
           mask (B, 1, T, S) bool: an explicit attention mask (True = attend), e.g. for decoding.
           kv_cache: list of (k, v) buffers (B, nkv, S, hd) per layer, written at slots cache_pos (T,).
-        Returns logits (B, T, V) in the parameters' dtype, or the final normed hidden (B, T, C).
+        Returns logits (B, T, V) in the parameters' dtype, or the final normed hidden (B, T, C), or with
+          targets (B, T): log p(targets) (B, T) fp32 (0 where targets == -100) for reduction="none", or
+          the summed NLL over the targets for reduction="sum", through the fused output-projection +
+          log-softmax of kernels/ (never a full fp32 (B, T, V)). The loss is computed here, inside
+          forward, so that under FSDP2 the output projection is used while it is unsharded.
         """
         B, T = input_ids.shape
         if position_ids is None:
@@ -269,6 +274,12 @@ class Llama(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, kv, cache_pos)
         x = self.norm(x)
+        if targets is not None:
+            from kernels import fused_linear_cross_entropy, fused_linear_logprobs
+            h, y = x.reshape(B * T, -1), targets.reshape(B * T)
+            if reduction == "sum":  # SFT's fast path: gradient computed during the forward
+                return fused_linear_cross_entropy(h, self.lm_head_weight, y, reduction="sum")
+            return fused_linear_logprobs(h, self.lm_head_weight, y, temperature=temperature).view(B, T)
         return x if return_hidden else F.linear(x, self.lm_head_weight)
 
     # -------------------------------------------------------------------------
@@ -415,7 +426,8 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, u=None):
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     if 0 < top_k < logits.size(-1):
         # keep the k largest (ties with the k-th are kept too, as transformers does)
         kth = logits.topk(top_k, dim=-1).values[:, -1:]               # (B, 1)
@@ -601,24 +613,39 @@ def generate_batch(model, prompts, N, temperature, top_p, top_k, eos_token_ids, 
         u.uniform_(generator=gen)
     logits, st = prefill(model, prompts, S)
     pick(logits, st)
+    # With a CUDA graph, the whole decode loop runs on a side stream: warm-up steps, capture and replays
+    # on one stream, as torch.cuda.graph's docs prescribe. (torch.cuda.stream(None) is a no-op.)
+    side = torch.cuda.Stream(dev) if cuda_graph else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(dev))
     n, graph = 1, None                        # n: columns of out_tok filled so far
-    while n < N:
-        if len(eos) and n % check_every == 0 and not still_running():
-            break
-        if sampling:
-            u.uniform_(generator=gen)         # the noise comes from our generator, outside the graph
-        if graph is not None:
-            graph.replay()
-        elif cuda_graph and n == 3:
-            # steps 1-2 ran eagerly (warm-up: cuBLAS workspaces, SDPA kernel choice); capturing records
-            # the step's kernels without running them, so replay once right after the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+    with torch.cuda.stream(side):
+        while n < N:
+            if len(eos) and n % check_every == 0 and not still_running():
+                break
+            if sampling:
+                u.uniform_(generator=gen)     # the noise comes from our generator, outside the graph
+            if graph is not None:
+                graph.replay()
+            elif cuda_graph and n == 3:
+                # steps 1-2 ran eagerly as warm-up (cuBLAS workspaces, SDPA kernel choice). Capturing
+                # records the kernels without running them, hence the replay right after.
+                graph = torch.cuda.CUDAGraph()
+                try:
+                    with torch.cuda.graph(graph, stream=side):
+                        step()
+                except RuntimeError as e:  # nothing ran during the capture: carry on eagerly
+                    warnings.warn(f"generate: CUDA graph capture failed, decoding eagerly ({e})")
+                    graph, cuda_graph = None, False
+                if graph is not None:
+                    graph.replay()
+                else:
+                    step()
+            else:
                 step()
-            graph.replay()
-        else:
-            step()
-        n += 1
+            n += 1
+    if side is not None:
+        torch.cuda.current_stream(dev).wait_stream(side)
     # one transfer at the end; cut every row after its first EOS
     out_tok, out_logp = out_tok[:, :n].cpu(), out_logp[:, :n].cpu()
     is_eos = torch.isin(out_tok, eos.cpu())

@@ -150,14 +150,10 @@ def micro_batches(step):
 
 
 def loss_sum(batch):
-    """Summed next-token NLL over the target tokens of a batch, and their count."""
-    from kernels import fused_linear_cross_entropy
+    """Summed next-token NLL over the target tokens of a batch (fused kernel), and their count."""
     fw = {k: batch[k] for k in ("position_ids", "doc_ids") if k in batch}
-    h = model(batch["input_ids"], return_hidden=True, **fw)
-    y = batch["targets"].reshape(-1)
-    loss = fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.lm_head_weight, y,
-                                      ignore_index=IGNORE, reduction="sum")
-    return loss, (y != IGNORE).sum()
+    loss = model(batch["input_ids"], targets=batch["targets"], reduction="sum", **fw)
+    return loss, (batch["targets"] != IGNORE).sum()
 
 
 @torch.no_grad()
