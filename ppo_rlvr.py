@@ -242,7 +242,7 @@ if __name__ == "__main__":
 
     from common import (all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint, full_state_dict,
                         init_distributed, is_dist, load_model, load_train_state, log_metrics, lr_at, print0,
-                        save_checkpoint, seed_everything, write_json)
+                        save_checkpoint, seed_everything, trim_metrics, write_json)
     from data import DataError, encode_prompt, epoch_order, load_mixture, read_jsonl, rlvr_row
     from model import generate
 
@@ -385,6 +385,10 @@ if __name__ == "__main__":
     ref = load_model(args.ckpt, device, requires_grad=False).eval() if need_ref else None
     vm = None
     if args.advantage == "gae":
+        vpath = os.path.join(args.value_ckpt or args.ckpt, "config.json")
+        if "ForSequenceClassification" in str(json.load(open(vpath)).get("architectures")):
+            raise SystemExit(f"error: {vpath}: a sequence-classification reward model (score head) cannot be "
+                             "loaded as the value model's body yet; give a causal-LM checkpoint")
         vm = ValueModel(load_model(args.value_ckpt or args.ckpt, device, grad_checkpoint=args.grad_checkpoint))
         if is_dist():  # the head joins the FSDP2 mesh too (the body's blocks were sharded by load_model)
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -422,11 +426,7 @@ if __name__ == "__main__":
                 vopt.load_state_dict(st["value"]["optimizer"])
         del st
         print0(f"resumed from {resumed} at step {start}")
-        if rank == 0:  # drop metrics logged after that checkpoint: they are about to be redone
-            mpath = os.path.join(args.out, "metrics.jsonl")
-            if os.path.isfile(mpath):
-                kept = [ln for ln in open(mpath) if json.loads(ln).get("step", -1) < start]
-                open(mpath, "w").writelines(kept)
+    trim_metrics(args.out, start)  # rows logged after the checkpoint (or by an earlier run) are redone
 
     n_params = sum(q.numel() for q in policy.parameters())
     print0(f"prompts: {len(rows)} ({n_bad} bad rows skipped, {n_long} over --max-prompt-len {args.max_prompt_len}) | "
@@ -444,7 +444,7 @@ if __name__ == "__main__":
             if os.path.isfile(path):
                 got = json.load(open(path))
                 if got.get("n") == len(held_out) and got.get("max_new_tokens", 64) == args.eval_max_new_tokens:
-                    start_eval = got
+                    start_eval, src = got, path
                     break
         if start_eval is None:
             # (a resumed policy is no longer the start: evaluate the start checkpoint itself)
@@ -452,9 +452,10 @@ if __name__ == "__main__":
             start_eval = evaluate(m0, tok, held_out, max_new_tokens=args.eval_max_new_tokens)
             del m0
             start_eval["max_new_tokens"] = args.eval_max_new_tokens
+            src = "evaluated now"
         os.makedirs(args.out, exist_ok=True)
         write_json(opath, start_eval)
-        print0(f"start: held-out accuracy {start_eval['accuracy']:.3f} on {start_eval['n']} prompts")
+        print0(f"start: held-out accuracy {start_eval['accuracy']:.3f} on {start_eval['n']} prompts ({src})")
 
     # -------------------------------------------------------------------------
     # training loop
@@ -479,7 +480,7 @@ if __name__ == "__main__":
             g["lr"] = lr
         if vopt is not None:
             for g in vopt.param_groups:
-                g["lr"] = lr * args.value_lr / args.lr
+                g["lr"] = lr_at(step, args.steps, args.value_lr, int(args.warmup_ratio * args.steps), args.schedule)
 
         # 1. rollouts: this rank's prompts (rank-strided), each n times, consecutive
         order = epoch_order(len(rows), step // steps_per_epoch, args.seed)

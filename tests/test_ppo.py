@@ -239,7 +239,7 @@ def test_generator_and_training_logprobs_agree(tiny, temperature):
 
 
 def test_ppo_raises_a_verifiable_reward(tiny, tmp_path):
-    run_ppo(tiny, tmp_path / "a", "--steps", 20, "--prompts-per-step", 32, "--lr", 3e-3)
+    run_ppo(tiny, tmp_path / "a", "--steps", 12, "--prompts-per-step", 32, "--lr", 1e-2)
     rew = [m["reward"] for m in metrics(str(tmp_path / "a"))]
     first, last = sum(rew[:4]) / 4, sum(rew[-4:]) / 4
     assert last > first + 2.0, rew
@@ -253,20 +253,20 @@ def test_ppo_raises_a_verifiable_reward(tiny, tmp_path):
 @pytest.mark.parametrize("mode", ["grpo", "rloo"])
 def test_group_modes_raise_the_reward(tiny, tmp_path, mode):
     run_ppo(tiny, tmp_path / mode, "--advantage", mode, "--steps", 12, "--prompts-per-step", 8,
-            "--samples-per-prompt", 4, "--lr", 3e-3)
+            "--samples-per-prompt", 4, "--lr", 1e-2)
     rew = [m["reward"] for m in metrics(str(tmp_path / mode))]
-    assert sum(rew[-4:]) / 4 > sum(rew[:4]) / 4 + 1.0, rew
+    assert sum(rew[-4:]) / 4 > sum(rew[:4]) / 4 + 2.0, rew
     assert "value_loss" not in metrics(str(tmp_path / mode))[-1]
 
 
 def test_two_processes_equal_one(tiny, tmp_path):
     """Same rollouts (--per-prompt-seed), same whitening (over both ranks), same token-normalised loss:
     2 FSDP2 ranks on gloo give the single process's metrics, policy and value model."""
-    args = ("--steps", 3, "--prompts-per-step", 8, "--lr", 3e-3, "--per-prompt-seed", "--micro-batch-size", 3)
+    args = ("--steps", 2, "--prompts-per-step", 8, "--lr", 1e-2, "--per-prompt-seed", "--micro-batch-size", 3)
     run_ppo(tiny, tmp_path / "one", *args)
     run_ppo(tiny, tmp_path / "two", *args, nproc=2)
     one, two = metrics(str(tmp_path / "one")), metrics(str(tmp_path / "two"))
-    assert one[-1]["reward"] > 0 and one[-1]["kl"] != 0  # a real signal went through both
+    assert one[0]["reward"] > 0 and one[-1]["kl"] != 0  # a real signal went through both
     for a, b in zip(one, two):
         for k in ("reward", "kl", "pg_loss", "value_loss", "clipfrac", "explained_var", "approx_kl"):
             assert a[k] == pytest.approx(b[k], abs=1e-5, rel=1e-4), k
@@ -277,7 +277,8 @@ def test_two_processes_equal_one(tiny, tmp_path):
 
 
 def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
-    args = ("--steps", 5, "--prompts-per-step", 8, "--lr", 3e-3, "--save-every", 1, "--kl-target", 1.0)
+    args = ("--steps", 4, "--prompts-per-step", 8, "--lr", 1e-2, "--save-every", 1, "--kl-target", 1.0,
+            "--kl-horizon", 100)  # adaptive beta, moving ~1.6% a step: it must be restored too
     run_ppo(tiny, tmp_path / "full", *args)
     out = tmp_path / "killed"
     proc = run_ppo(tiny, out, *args, wait=False)
@@ -287,10 +288,11 @@ def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
     proc.send_signal(signal.SIGKILL)  # a crash, not a clean exit
     proc.wait()
     step = torch.load(out / "train_state.pt", weights_only=False)["step"]
-    assert step < 5, "the run finished before it could be killed"
+    assert step < 4, "the run finished before it could be killed"
     run_ppo(tiny, out, *args, "--resume")
     full, res = metrics(str(tmp_path / "full")), metrics(str(out))
-    assert [m["step"] for m in res] == list(range(5))
+    assert [m["step"] for m in res] == list(range(4))
+    assert full[-1]["beta"] != full[0]["beta"]
     for a, b in zip(full, res):  # beta (adaptive here), rewards, losses: all continue exactly
         for k in ("beta", "reward", "kl", "pg_loss", "value_loss"):
             assert a[k] == pytest.approx(b[k], abs=1e-6), k
