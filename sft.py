@@ -46,6 +46,7 @@ p.add_argument("--skip-bad", action="store_true", help="skip and count malformed
 p.add_argument("--packing", action="store_true", help="padding-free packed micro-batches")
 p.add_argument("--val-frac", type=float, default=0.02, help="share of rows held out for validation loss")
 p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end")
+p.add_argument("--eval-n", type=int, default=None, help="score only the first N held-out prompts")
 # optimization
 p.add_argument("--epochs", type=float, default=None)
 p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
@@ -226,6 +227,7 @@ for step in bar:
 save_checkpoint(args.out, model, tok, opt, {"step": total, "args": vars(args)}, dtype=save_dtype)
 write_json(os.path.join(args.out, "args.json"), vars(args))
 if held_out is not None:
+    held_out = held_out[:args.eval_n] if args.eval_n is not None else held_out
     res = evaluate(model, tok, held_out, max_new_tokens=64)
     write_json(os.path.join(args.out, "eval.json"), res)
     print0(f"held-out accuracy {res['accuracy']:.3f} on {res['n']} prompts: "
