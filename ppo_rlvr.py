@@ -248,7 +248,8 @@ if __name__ == "__main__":
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to train
-    p.add_argument("--ckpt", default=None, help="policy to start from, also the KL reference (default: out/dpo, else out/sft)")
+    p.add_argument("--ckpt", default=None,
+                   help="policy to start from, also the KL reference (default: out/dpo, else out/sft)")
     p.add_argument("--value-ckpt", default=None, help="checkpoint for the value model's body (default: --ckpt)")
     p.add_argument("--data", nargs="*", default=None, help="RLVR JSONL files, 'file:fraction' or 'file:count' "
                    "(default: the built-in RL prompts)")
@@ -440,7 +441,7 @@ if __name__ == "__main__":
     start_eval = None
     if held_out is not None:
         spath, opath = os.path.join(args.ckpt, "eval.json"), os.path.join(args.out, "start_eval.json")
-        for path in (opath, spath):
+        for path in ((opath,) if resumed else ()) + (spath,):
             if os.path.isfile(path):
                 got = json.load(open(path))
                 if got.get("n") == len(held_out) and got.get("max_new_tokens", 64) == args.eval_max_new_tokens:
@@ -472,7 +473,8 @@ if __name__ == "__main__":
     mB = args.micro_batch_size
     red = all_reduce if is_dist() else None  # sums over ranks for the whole-batch statistics
     save_dtype = torch.bfloat16 if args.save_dtype == "bf16" else torch.float32
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, desc=f"rlvr-{args.advantage}")
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0,
+               desc=f"rlvr-{args.advantage}")
     for step in bar:
         t0 = time.time()
         lr = lr_at(step, args.steps, args.lr, int(args.warmup_ratio * args.steps), args.schedule)
@@ -547,7 +549,9 @@ if __name__ == "__main__":
 
         # 5. PPO epochs over mini-batches; each rank shuffles its own rollouts, a global mini-batch is
         # the union of the ranks' mini-batches
-        sums = torch.zeros(7, dtype=torch.float64, device=device)  # pg, vf, clip, vclip, approx-kl, tokens, steps
+        # summed over the tokens of every update: pg loss, value loss, clipped, value clipped, approx-KL
+        # of the updated policy to the rollout policy (0.5 (logp - old)^2, over all epochs), tokens
+        sums = torch.zeros(6, dtype=torch.float64, device=device)
         gnorms = []
         Bm = B // args.mini_batches
         for epoch in range(args.ppo_epochs):
@@ -588,7 +592,7 @@ if __name__ == "__main__":
                     (loss * world).backward()  # FSDP averages gradients over ranks; * world makes it the sum
                     with torch.no_grad():
                         d = (lp - o) * m
-                        sums[:6] += torch.stack([(pg * m).sum(), (vf * m).sum(), (clipped * m).sum(),
+                        sums += torch.stack([(pg * m).sum(), (vf * m).sum(), (clipped * m).sum(),
                                                  (vclipped * m).sum(), (0.5 * d * d).sum(), m.sum()]).double()
                 gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
                 gnorms.append(gn.full_tensor().item() if hasattr(gn, "full_tensor") else gn.item())

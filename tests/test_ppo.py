@@ -296,4 +296,5 @@ def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
     for a, b in zip(full, res):  # beta (adaptive here), rewards, losses: all continue exactly
         for k in ("beta", "reward", "kl", "pg_loss", "value_loss"):
             assert a[k] == pytest.approx(b[k], abs=1e-6), k
-    assert max_diff(load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(out / "model.safetensors"))) < 1e-6
+    w_full, w_res = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "full", out))
+    assert max_diff(w_full, w_res) < 1e-6
