@@ -100,6 +100,7 @@ class _CrossEntropy(torch.autograd.Function):
         return dx, dw, None, None, None
 
 
+@torch.compiler.disable
 def fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean"):
     """Cross-entropy of hidden @ weight.T against targets, without the [N, V] logits.
 

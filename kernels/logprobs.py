@@ -19,8 +19,12 @@ The per-token upstream gradient g is folded into dz *before* dW sums over tokens
 can not be applied to a finished dW). 8NHV in total; the grad-in-forward cross-entropy (cross_entropy.py)
 needs only 6NHV but works for a scalar loss only.
 
-logprobs_ref is the PyTorch reference: the same maths chunked over tokens in fp32 (fp64 for fp64 inputs),
+_LogProbsRef is the PyTorch reference: the same maths chunked over tokens in fp32 (fp64 for fp64 inputs),
 recomputing the logits in backward. It is the CPU path and the tests' second subject.
+
+NOTE the slab width is CHUNK_BYTES / (N * 2): beyond ~32k tokens per call the slabs get narrow and dX's running
+sum (N x H read and written per slab) starts to cost; split such batches into calls of <= 16k tokens.
+The public ops are opaque to torch.compile (torch.compiler.disable): a compiled model calls them eagerly.
 """
 import os
 
@@ -245,6 +249,7 @@ class _LogProbsRef(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- public op
 
+@torch.compiler.disable
 def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=-100):
     """log_softmax(hidden @ weight.T / temperature)[targets] per row without the [N, V] logits.
 
