@@ -370,8 +370,10 @@ class _TexParser:
                     continue
                 kind = ("num" if x[0].isdigit() else
                         "sym" if x[0].isalpha() else "cmd" if x[0] == "\\" and x[1:].isalpha() else "op")
-                if kind == "op" and x not in "+-*/:^_!|()[]{},'=<>" and x not in ("\\{", "\\}"):
+                if kind == "op" and x not in "+-*/:^_!|()[]{},'=<>." and x not in ("\\{", "\\}"):
                     raise ValueError(f"unknown character {x!r}")  # the reference's lexer error
+                if kind == "num" and "." not in x and self.s.startswith(".", i + len(x)):
+                    raise ValueError("a number ending in '.'")  # so does "2." (but "a." parses as a)
                 t = (kind, x.replace(",", "") if kind == "num" else x, i, i + len(x))
                 break
             self.memo[self.pos] = t

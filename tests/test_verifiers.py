@@ -78,15 +78,19 @@ def test_math_every_gold_solution_scores_one():
 
 
 def test_math_minerva_line_parity():
-    # The gold boxed answer written as Minerva's final line scores 1, except the one gold ending in
-    # "i.": the character before " I hope" is dropped by the reference regex (kept for parity).
+    # The gold boxed answer written as Minerva's final line scores 1 for all 5,000. One gold ends in
+    # "i.": Minerva normalisation turns the line's ".$" into "$", so the strings differ and only the
+    # symbolic check matches, as in the reference, whose parser stops at a '.' after a letter.
     misses = []
     for r in rows("math/test.jsonl"):
         raw = V.remove_boxed(V.last_boxed_only_string(r["solution"]))
         resp = f"Final Answer: The final answer is ${raw}$. I hope it is correct."
         if V.math(resp, r["answer"]) != 1.0:
             misses.append(raw)
-    assert misses == ["\\frac{7}{5} + \\frac{1}{5} i."]
+    assert misses == []
+    resp = "Final Answer: The final answer is $\\frac{7}{5} + \\frac{1}{5} i.$. I hope it is correct."
+    assert V.get_unnormalized_answer(resp) == "$\\frac{7}{5} + \\frac{1}{5} i.$"
+    assert not V.hendrycks_equiv(V.math_candidates(resp)[0], "\\frac{7}{5}+\\frac{1}{5}i.")
 
 
 def final(x):
@@ -175,6 +179,7 @@ SYMPY_REFERENCE = [
     ("\\sqrt2", "\\sqrt{2}", False), ("2\\cdot3", "6", True), ("6:2", "3", True), ("\\dfrac{3}{4}", "0.75", True),
     ("x_1+x_1", "2x_1", True), ("\\ln e", "1", False), ("\\frac{a}{b}", "\\frac{2a}{2b}", True),
     ("a^{2}-b^{2}", "(a-b)(a+b)", True), ("\\left(3\\right)", "3", True), ("10\\%", "10", False),
+    ("9a.m.", "9a", True), ("2.", "2", False), ("a.1", "a", True),
 ]
 
 
