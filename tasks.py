@@ -35,13 +35,14 @@ def arith(rng, p_wrong):
     """-> (prompt, demonstration, answer). Three problem shapes, small numbers."""
     name, other, thing = rng.choice(NAMES), rng.choice(NAMES), rng.choice(THINGS)
     kind = rng.choice(["add", "sub", "mul"])
+    # small numbers: ~300 distinct facts, so a tiny model can learn them from the demonstrations
     if kind == "add":
-        a, b = rng.randint(2, 30), rng.randint(2, 30)
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
         q = f"{name} has {a} {thing}. {name} finds {b} more {thing}. How many {thing} does {name} have now?"
         ans, work = a + b, f"{a} + {b}"
     elif kind == "sub":
-        a = rng.randint(5, 40)
-        b = rng.randint(1, a - 1)
+        a = rng.randint(2, 18)
+        b = rng.randint(1, min(9, a - 1))
         q = f"{name} has {a} {thing} and gives {b} of them to {other}. How many {thing} does {name} have left?"
         ans, work = a - b, f"{a} - {b}"
     else:
@@ -94,7 +95,7 @@ def rlvr_row(prompt, dataset, ground_truth):
     return {"messages": [{"role": "user", "content": prompt}], "ground_truth": ground_truth, "dataset": dataset}
 
 
-def make_tasks(seed=0, n_sft=4000, n_prefs=1000, n_rl=1000, n_eval=600, p_wrong=0.25, p_follow=0.5):
+def make_tasks(seed=0, n_sft=3000, n_prefs=1000, n_rl=1000, n_eval=600, p_wrong=0.25, p_follow=0.5):
     """Returns four disjoint lists (no prompt text is shared between them):
       sft       conversations {"messages": [user, assistant]} (imperfect demonstrations)
       prefs     RLVR rows: prompts the DPO stage samples from and judges (no demonstrations)
@@ -124,8 +125,8 @@ def make_tasks(seed=0, n_sft=4000, n_prefs=1000, n_rl=1000, n_eval=600, p_wrong=
     return sft, prefs, rl, held_out
 
 
-def make_base_checkpoint(path, sft_rows, seed=0, vocab_size=512, dim=192, n_layers=4, n_heads=4, n_kv_heads=2,
-                         ffn_dim=512):
+def make_base_checkpoint(path, sft_rows, seed=0, vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                         ffn_dim=384):
     """The tiny default's "pretrained" model: a byte-level BPE trained on the SFT conversations (with
     the Tülu chat template) and a randomly initialised Llama, written as an HF checkpoint to `path`."""
     import torch
