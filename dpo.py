@@ -305,8 +305,9 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     ref = torch.zeros(N, 2, dtype=torch.float64)  # (N, 2) summed log pi_ref: chosen, rejected
     if args.loss_type != "simpo":
         # key: the checkpoint (path, and its files' names, sizes and times: a retrained checkpoint misses),
-        # the exact token ids and targets of every pair (data, tokenizer, template, max length), max length
-        h = hashlib.sha256(f"{os.path.realpath(args.ckpt)}|{args.max_len}".encode())
+        # the exact token ids and targets of every pair (data, tokenizer, template, max length), max length,
+        # and the device type (bf16 compute on CUDA, fp32 on the CPU)
+        h = hashlib.sha256(f"{os.path.realpath(args.ckpt)}|{args.max_len}|{device.type}".encode())
         for f in sorted(os.listdir(args.ckpt)):
             if f.endswith(".safetensors") or f == "config.json":
                 st = os.stat(os.path.join(args.ckpt, f))

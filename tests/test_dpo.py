@@ -27,7 +27,8 @@ from model import Llama
 from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+# CPU tests: the runs are compared with float64 references, so a GPU (bf16 compute under FSDP2) stays hidden
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""}
 
 # -----------------------------------------------------------------------------
 # the losses: float64 references written from the papers, derivatives worked out by hand
@@ -230,11 +231,12 @@ def encoded_pairs(tiny):
     return [e for e in enc if e[0] is not None and e[1] is not None]
 
 
-@torch.no_grad()
-def logps64(ckpt, pairs):
+def logps64(ckpt, pairs, model=None):
     """Summed log-probs of chosen and rejected, (N, 2), from a float64 full log-softmax: the on-the-fly
-    computation a resident reference model would do."""
-    model = Llama.from_pretrained(ckpt, dtype=torch.float64)
+    computation a resident reference model would do. Differentiable when a float64 model is passed."""
+    if model is None:
+        with torch.no_grad():
+            return logps64(ckpt, pairs, Llama.from_pretrained(ckpt, dtype=torch.float64))
     out = []
     for c, r in pairs:
         b = pad_batch([c, r], 0)
@@ -278,6 +280,14 @@ def test_run_learns_and_caches_reference(tiny, run_a):
     assert m[0]["reward_chosen"] == m[0]["reward_rejected"] == m[0]["margin"] == m[0]["accuracy"] == 0
     assert m[0]["logp_chosen"] == pytest.approx(start[first, 0].mean().item(), abs=1e-3)
     assert m[0]["logp_rejected"] == pytest.approx(start[first, 1].mean().item(), abs=1e-3)
+    # the step's gradient is that of the mean pair loss over its 8 pairs (two micro-batches of 4): the
+    # logged grad norm (before clipping) against float64 autograd of -log sigmoid(beta h), h = 0 at step 0
+    model = Llama.from_pretrained(tiny[0], dtype=torch.float64)
+    lp = logps64(None, [pairs[i] for i in first], model)
+    h = (lp[:, 0] - lp[:, 0].detach()) - (lp[:, 1] - lp[:, 1].detach())
+    (-torch.nn.functional.logsigmoid(0.5 * h)).mean().backward()
+    gnorm = torch.cat([q.grad.flatten() for q in model.parameters()]).norm().item()
+    assert m[0]["grad_norm"] == pytest.approx(gnorm, rel=1e-4)
     # a few steps raise the margin; measured independently on all pairs with the final weights
     assert m[-1]["margin"] > 1 and m[-1]["accuracy"] == 1 and m[-1]["loss"] < 0.1
     end = logps64(str(out), pairs)
@@ -313,7 +323,7 @@ def test_two_ranks_equal_one(tiny, run_a):
     run_dpo(tiny, out, nproc=2)  # micro 4 x accum 1 x world 2 vs micro 4 x accum 2 x world 1
     a, d = metrics(run_a[0]), metrics(out)
     assert len(a) == len(d) == 12
-    for key in ("loss", "margin", "accuracy", "logp_chosen"):
+    for key in ("loss", "margin", "accuracy", "logp_chosen", "grad_norm"):
         assert max(abs(x[key] - y[key]) for x, y in zip(a, d)) < 1e-4, key
     assert max_diff(load_file(run_a[0] / "model.safetensors"), load_file(out / "model.safetensors")) < 1e-4
 
@@ -346,6 +356,7 @@ def test_bad_preference_data_is_one_clear_error(tiny, tmp_path, monkeypatch, cap
              "prompts": (good + "\n" + json.dumps(other) + "\n", ":2: chosen and rejected must share the same prompt"),
              "missing": (json.dumps({"chosen": other["chosen"]}) + "\n", ":1: a preference row needs 'chosen' and 'rejected'"),
              "empty": ("", ": empty file")}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no process group in the test process
     for name, (text, msg) in cases.items():
         path = tmp_path / f"{name}.jsonl"
         path.write_text(text)
