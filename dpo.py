@@ -71,23 +71,25 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     h = (pc - rc) - (pr - rr)  # (P,)
     if loss_type == "ipo":
         # IPO, Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
-        # Preferences", eq. 17: (h - 1/(2 tau))^2 with tau = beta, on summed log-probs as in the paper
-        # (TRL averages them per token instead)
+        # Preferences" (arXiv 2310.12036), eq. 17: (h - 1/(2 tau))^2 with tau = beta, on summed
+        # log-probs as in the paper (TRL averages them per token instead)
         losses = (h - 1 / (2 * beta)) ** 2
     else:
-        # DPO, Rafailov et al. 2023, "Direct Preference Optimization", eq. 7: -log sigmoid(beta h).
-        # Label smoothing eps = conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"):
-        # the label is flipped with probability eps, so the loss is the expected BCE under both labels.
-        # dpo_norm: Tülu 3 (Lambert et al. 2024, §5.4) uses this on per-token average log-probs.
-        # SimPO, Meng et al. 2024, eq. 6: -log sigmoid(beta (avg pi_c - avg pi_r) - gamma), no reference,
-        # with the target margin gamma = gamma_beta_ratio * beta.
+        # DPO, Rafailov et al. 2023, "Direct Preference Optimization" (arXiv 2305.18290), eq. 7:
+        # -log sigmoid(beta h). Label smoothing eps = conservative DPO (Mitchell 2023, "A note on DPO
+        # with noisy preferences"): the label is flipped with probability eps, so the loss is the
+        # expected BCE under both labels.
+        # dpo_norm: Tülu 3 (Lambert et al. 2024, arXiv 2411.15124, §5) on per-token average log-probs.
+        # SimPO, Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward"
+        # (arXiv 2405.14734): -log sigmoid(beta (avg pi_c - avg pi_r) - gamma), no reference, with the
+        # target margin gamma = gamma_beta_ratio * beta.
         if loss_type == "simpo":
             h = h - gamma_beta_ratio
         losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
         if loss_type == "wpo":
-            # WPO, Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization": each pair
-            # weighted by the policy's length-normalised probability of both responses,
-            # exp(avg log pi(y_c) + avg log pi(y_r)), a weight that gets no gradient
+            # WPO, Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization"
+            # (arXiv 2406.11827): each pair weighted by the policy's length-normalised probability of
+            # both responses, exp(avg log pi(y_c) + avg log pi(y_r)), a weight that gets no gradient
             w = torch.exp(policy_chosen_logps / nc + policy_rejected_logps / nr).clamp(max=1).detach()
             losses = losses * w
     return losses, (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()

@@ -52,7 +52,7 @@ def paper_loss(kind, pc, pr, rc, rr, nc, nr, beta, gbr, eps):
         g = 2 * (h - 1 / (2 * beta))
         return (h - 1 / (2 * beta)) ** 2, g, -g, beta * (pc - rc), beta * (pr - rr)
     if kind == "simpo":
-        # Meng et al. 2024 eq. 6: -log sigmoid(beta/|yw| log pi(yw) - beta/|yl| log pi(yl) - gamma)
+        # Meng et al. 2024 (SimPO objective): -log sigmoid(beta/|yw| log pi(yw) - beta/|yl| log pi(yl) - gamma)
         z = beta * pc / nc - beta * pr / nr - gbr * beta
         dzc, dzr = beta / nc, -beta / nr
         rw_c, rw_r = beta * pc / nc, beta * pr / nr
