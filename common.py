@@ -247,10 +247,11 @@ def write_json(path, obj):
 
 
 @torch.no_grad()
-def evaluate(model, tok, rows, max_new_tokens=64, batch_size=256, desc="eval"):
+def evaluate(model, tok, rows, max_new_tokens=64, batch_size=256, desc="eval", predictions=None):
     """Greedy-decodes every RLVR row's prompt and scores it with verifiers.verify.
     -> {"accuracy", "n", "per_task": {dataset: {"accuracy", "n"}}}. Rows are split rank-strided;
-    generation runs in lockstep across ranks; the counts are summed over ranks."""
+    generation runs in lockstep across ranks; the counts are summed over ranks.
+    predictions: a list that gets this rank's (index into rows, response, score) per row."""
     from data import encode_prompt
     from model import generate
     from verifiers import verify
@@ -264,9 +265,12 @@ def evaluate(model, tok, rows, max_new_tokens=64, batch_size=256, desc="eval"):
     model.train(was_training)
     names = sorted({r["dataset"] for r in rows})
     score = torch.zeros(len(names), 2, dtype=torch.float64)  # (correct, n) per dataset
-    for r, out in zip(mine, outs):
-        s = verify(r["dataset"], tok.decode(out, skip_special_tokens=True), r["ground_truth"])
+    for i, r, out in zip(range(rank, len(rows), world), mine, outs):
+        text = tok.decode(out, skip_special_tokens=True)
+        s = verify(r["dataset"], text, r["ground_truth"])
         score[names.index(r["dataset"])] += torch.tensor([s, 1.0])
+        if predictions is not None:
+            predictions.append((i, text, s))
     score = all_reduce(score)
     per = {n: {"accuracy": (c / max(k, 1)).item(), "n": int(k)} for n, (c, k) in zip(names, score)}
     total = score.sum(0)

@@ -1,0 +1,1 @@
+"""Benchmarks under the Tülu 3 evaluation protocols: python -m eval.{gsm8k,math,ifeval,builtin} --ckpt DIR."""
