@@ -79,7 +79,11 @@ def pref_row(row, where):
     c, r = row.get("chosen"), row.get("rejected")
     if c is None or r is None:
         raise DataError(f"{where}: a preference row needs 'chosen' and 'rejected'")
-    if "prompt" in row:  # {"prompt", "chosen", "rejected"}: strings or message lists
+    # {"prompt", "chosen", "rejected"} with the prompt apart (strings, or assistant-only message lists).
+    # Tülu 3's and UltraFeedback's rows also carry "prompt", but their chosen and rejected are whole
+    # conversations that already contain it: those are taken as they are.
+    whole = lambda x: isinstance(x, list) and bool(x) and isinstance(x[0], dict) and x[0].get("role") != "assistant"  # noqa: E731
+    if "prompt" in row and not (whole(c) and whole(r)):
         p = row["prompt"]
         p = [{"role": "user", "content": p}] if isinstance(p, str) else p
         wrap = lambda x: [{"role": "assistant", "content": x}] if isinstance(x, str) else x  # noqa: E731
