@@ -143,6 +143,18 @@ def test_wpo_weight_has_no_gradient():
     assert pc.grad.item() == pytest.approx(-w * sig(-(1.0 - -1.0)), rel=1e-5)
 
 
+def test_preference_row_formats():
+    """The three shapes preference data comes in give the same conversations."""
+    from data import pref_row
+    u, a, b = {"role": "user", "content": "Q?"}, {"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}
+    want = ([u, a], [u, b])
+    assert pref_row({"chosen": [u, a], "rejected": [u, b]}, "f:1") == want             # whole conversations
+    assert pref_row({"prompt": "Q?", "chosen": "a", "rejected": "b"}, "f:1") == want    # prompt apart, strings
+    assert pref_row({"prompt": [u], "chosen": [a], "rejected": [b]}, "f:1") == want    # prompt apart, messages
+    # Tülu 3 / UltraFeedback: "prompt" is there, but chosen/rejected already hold it (not prepended twice)
+    assert pref_row({"prompt": "Q?", "chosen": [u, a], "rejected": [u, b]}, "f:1") == want
+
+
 def test_pick_pair():
     assert pick_pair([(0.0, "a", True), (1.0, "b", True), (1.0, "c", True), (0.0, "d", True)]) == ("b", "a")
     assert pick_pair([(1.0, "a", True), (1.0, "b", True)]) is None            # no wrong answer
