@@ -306,7 +306,7 @@ if __name__ == "__main__":
     # presets fill whatever was not given on the command line
     PRESETS = {
         # the tiny default: continues the tiny SFT/DPO model, a few minutes on 2 CPU cores
-        "tiny": dict(steps=40, prompts_per_step=32, max_new_tokens=64, max_prompt_len=256, verify_reward=10.0,
+        "tiny": dict(steps=20, prompts_per_step=32, max_new_tokens=64, max_prompt_len=256, verify_reward=10.0,
                      beta=0.05, kl_estimator="k1", gamma=1.0, lam=0.95, clip=0.2, value_clip=0.2, vf_coef=0.1,
                      ppo_epochs=4, mini_batches=1, micro_batch_size=64, lr=3e-5, schedule="constant",
                      warmup_ratio=0.0, save_dtype="fp32"),
@@ -321,6 +321,8 @@ if __name__ == "__main__":
     group = args.advantage in ("grpo", "rloo")
     if args.samples_per_prompt is None:
         args.samples_per_prompt = 4 if group else 1
+    if args.preset == "tiny" and args.prompts_per_step is None:
+        args.prompts_per_step = 32 // args.samples_per_prompt  # 32 rollouts per step in every mode
     if args.kl_estimator is None and args.advantage == "grpo":
         args.kl_estimator = "k3"  # GRPO's KL loss term: k3 has a non-negative value and an unbiased mean
     for k, v in PRESETS[args.preset].items():
@@ -622,7 +624,7 @@ if __name__ == "__main__":
             row.update(value_loss=sums[1].item() / nt, vf_clipfrac=sums[3].item() / nt,
                        explained_var=explained_variance(values, returns, mask, red))
         beta = adaptive_kl(beta, kl_seq, N, args.kl_target, args.kl_horizon)
-        row["time"] = time.time() - t0
+        row.update(time=time.time() - t0, gen_time=t_gen)
         log_metrics(args.out, row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.3f}", kl=f"{kl_seq:.3f}",
                         beta=f"{row['beta']:.3g}", len=f"{row['resp_len']:.0f}")
