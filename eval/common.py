@@ -31,6 +31,12 @@ from tokenizer import Tokenizer
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
+def positive(s):
+    if not s.isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {s!r}")
+    return int(s)
+
+
 def parser(name, doc, max_new_tokens, data=True):
     p = argparse.ArgumentParser(prog=f"python -m eval.{name}", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,21 +44,26 @@ def parser(name, doc, max_new_tokens, data=True):
     if data:
         p.add_argument("--data", default=DATA, help="folder holding gsm8k/, math/, ifeval/ (default: the project's data/)")
     p.add_argument("--out", default=None, help=f"output folder (default: CKPT/eval/{name})")
-    p.add_argument("--limit", type=int, default=None, help="only the first N examples")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch, per process")
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens} (the protocol's)")
+    p.add_argument("--limit", type=positive, default=None, help="only the first N examples")
+    p.add_argument("--batch-size", type=positive, default=64, help="prompts per generation batch, per process")
+    p.add_argument("--max-new-tokens", type=positive, default=max_new_tokens,
+                   help=f"default {max_new_tokens} (the protocol's)")
     return p
 
 
-def load_rows(path, keys, limit=None):
-    """The rows of a JSONL file (the first `limit`); a row lacking one of `keys` is an error naming its line."""
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
+def load_rows(path, keys, limit=None, check=None):
+    """The rows of a JSONL file (the first `limit`). A row lacking one of `keys`, or on which `check(row)`
+    raises ValueError (a gold answer the verifier cannot read), is an error naming its line: found
+    before generating, not after."""
     rows = []
     for where, row in read_jsonl(path):
         missing = [k for k in keys if k not in row]
         if missing:
             raise DataError(f"{where}: missing field(s) {missing}")
+        try:
+            check and check(row)
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
         rows.append(row)
         if limit is not None and len(rows) == limit:
             break

@@ -73,7 +73,8 @@ def main():
     p.add_argument("--split", default="test", choices=["test", "train"])
     args = p.parse_args()
     t0 = time.time()
-    rows = load_rows(os.path.join(args.data, "gsm8k", f"{args.split}.jsonl"), ["question", "answer"], args.limit)
+    rows = load_rows(os.path.join(args.data, "gsm8k", f"{args.split}.jsonl"), ["question", "answer"], args.limit,
+                     check=lambda r: verifiers.gsm8k_gold(r["answer"]))
     model, tok, out = setup(args, "gsm8k")
     prompts = [render(tok, messages(r["question"]), PREFIX) for r in rows]
     gens = complete(model, tok, prompts, args, STOPS, desc="gsm8k")

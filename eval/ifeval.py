@@ -14,7 +14,6 @@ import os
 import time
 
 import verifiers
-from data import DataError
 from eval.common import cleanup, complete, load_rows, parser, render, save, setup
 
 
@@ -43,13 +42,9 @@ def score(rows, responses):
 def main():
     args = parser("ifeval", __doc__, max_new_tokens=2048).parse_args()
     t0 = time.time()
-    path = os.path.join(args.data, "ifeval", "input_data.jsonl")
-    rows = load_rows(path, ["key", "prompt", "instruction_id_list", "kwargs"], args.limit)
-    for r in rows:  # a bad label is a data error: fail before generating, not after
-        try:
-            verifiers.ifeval("", r["instruction_id_list"], r["kwargs"])
-        except ValueError as e:
-            raise DataError(f"{path}: key {r['key']}: {e}") from None
+    rows = load_rows(os.path.join(args.data, "ifeval", "input_data.jsonl"),
+                     ["key", "prompt", "instruction_id_list", "kwargs"], args.limit,
+                     check=lambda r: verifiers.ifeval("", r["instruction_id_list"], r["kwargs"]))  # kwargs validated
     model, tok, out = setup(args, "ifeval")
     prompts = [render(tok, [{"role": "user", "content": r["prompt"]}]) for r in rows]
     gens = complete(model, tok, prompts, args, desc="ifeval")

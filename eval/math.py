@@ -8,8 +8,8 @@ MATH 4-shot chain-of-thought with "flex" scoring, the protocol Tülu 3 reports (
     the chat EOS; the cut only matters when a model goes on to invent the next problem, whose
     boxed answer would otherwise be the one taken)
   - verdicts: `flex` (headline) = verifiers.math: any candidate (the Minerva "Final Answer" line, the
-    last box, else the last $...$, else the whole text) equal to the gold under Hendrycks or Minerva
-    normalisation or sympy; `minerva` = OLMES exact_match: the Minerva line only, compared by sympy
+    last box, else the last $...$, else the whole text; Minerva-normalised) equal to the gold under
+    Hendrycks' equivalence or sympy; `minerva` = OLMES exact_match: the Minerva line only, by sympy
   - gold: the normalised content of the solution's last \\boxed{}
   - metrics: macro (mean over the 7 subjects, OLMES' suite metric) and micro (over problems)
 
@@ -88,7 +88,7 @@ def main():
     t0 = time.time()
     name = "math500" if args.subset else "math"
     path = os.path.join(args.data, "math", "test500.jsonl" if args.subset else "test.jsonl")
-    rows = load_rows(path, ["problem", "solution", "type"], args.limit)
+    rows = load_rows(path, ["problem", "solution", "type"], args.limit, check=lambda r: verifiers.math_gold(r["solution"]))
     shots = fewshot(os.path.join(args.data, "math", "minerva_4shot_prompt.txt"))
     model, tok, out = setup(args, name)
     prompts = [render(tok, messages(r["problem"], shots)) for r in rows]

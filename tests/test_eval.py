@@ -5,6 +5,7 @@ predictions.
 
     python -m pytest tests/test_eval.py -v
 """
+import argparse
 import json
 import os
 import shutil
@@ -17,9 +18,10 @@ import torch
 
 import common
 import tasks
+import verifiers
 from data import DataError
 from eval import gsm8k, ifeval, math
-from eval.common import DATA, complete, cut, load_rows, render
+from eval.common import DATA, complete, cut, load_rows, positive, render
 from model import Llama, generate
 from tokenizer import Tokenizer
 
@@ -163,7 +165,6 @@ def test_math_prompt(ckpt):
     shots = math.fewshot(path)
     # lossless parse: the exemplars put back together in the non-chat format are the file
     assert "\n\n".join(f"{math.query(p)} {s}" for p, s in shots) == open(path, encoding="utf-8").read().strip()
-    import verifiers
     assert [verifiers.math_gold(s) for _, s in shots] == ["[2,5)", "24", "16", "-\\frac{2}{3}"]
     assert all(s.endswith("I hope it is correct.") for _, s in shots)
     problem = load_rows(os.path.join(DATA, "math", "test.jsonl"), [], limit=1)[0]["problem"]
@@ -259,8 +260,18 @@ def test_complete_matches_one_by_one(ckpt, one_thread):
 def test_bad_data(tmp_path):
     f = tmp_path / "test.jsonl"
     f.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q"}\n')
+    for bad in ("0", "-3", "2.5", "x"):  # --limit, --batch-size, --max-new-tokens
+        with pytest.raises(argparse.ArgumentTypeError, match="whole number >= 1"):
+            positive(bad)
     with pytest.raises(DataError, match=r"test.jsonl:2: missing field\(s\) \['answer'\]"):
         load_rows(str(f), ["question", "answer"])
+    f.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q", "answer": "no number"}\n')
+    with pytest.raises(DataError, match=r"test.jsonl:2: gsm8k: ground truth 'no number' does not end in a number"):
+        load_rows(str(f), ["question", "answer"], check=lambda r: verifiers.gsm8k_gold(r["answer"]))
+    f.write_text(json.dumps({"key": 7, "prompt": "p", "instruction_id_list": ["punctuation:no_comma",
+                            "length_constraints:number_words"], "kwargs": [{}, {"num_words": 5}]}) + "\n")
+    with pytest.raises(DataError, match=r"test.jsonl:1: ifeval: length_constraints:number_words takes kwargs"):
+        load_rows(str(f), [], check=lambda r: verifiers.ifeval("", r["instruction_id_list"], r["kwargs"]))
     bad = tmp_path / "math"
     os.makedirs(bad)
     shutil.copy(os.path.join(DATA, "math", "minerva_4shot_prompt.txt"), bad / "p.txt")
