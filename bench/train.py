@@ -103,6 +103,7 @@ for name, fn, m in cands:
         opt = None if gpu else torch.optim.AdamW(m.parameters(), lr=1e-4)
         dt, mem = bench(fn, m, opt)
         rows.append((name, dt, mem))
+        print(f"{name}: {dt * 1e3:.1f} ms/step, peak {mem:.1f} GiB", flush=True)  # in case a later entry hangs
     except Exception as e:  # keep going: one failing entry should not hide the others
         print(f"{name}: failed ({type(e).__name__}: {e})")
 ref = next((r[1] for r in rows if r[0].startswith("transformers")), None)
