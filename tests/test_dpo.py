@@ -82,7 +82,8 @@ def random_pairs(P, seed, dtype=torch.float64):
     nr[2:5] = 0
     per_tok = lambda: torch.rand(P, generator=g, dtype=dtype) * 3 + 0.05  # noqa: E731
     pc, pr = -nc * per_tok(), -nr * per_tok()
-    rc, rr = pc + torch.randn(P, generator=g, dtype=dtype) * 2 * (nc > 0), pr + torch.randn(P, generator=g, dtype=dtype) * 2 * (nr > 0)
+    rc = pc + torch.randn(P, generator=g, dtype=dtype) * 2 * (nc > 0)
+    rr = pr + torch.randn(P, generator=g, dtype=dtype) * 2 * (nr > 0)
     return pc, pr, rc, rr, nc, nr
 
 
@@ -146,7 +147,8 @@ def test_wpo_weight_has_no_gradient():
 def test_preference_row_formats():
     """The three shapes preference data comes in give the same conversations."""
     from data import pref_row
-    u, a, b = {"role": "user", "content": "Q?"}, {"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}
+    u = {"role": "user", "content": "Q?"}
+    a, b = {"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}
     want = ([u, a], [u, b])
     assert pref_row({"chosen": [u, a], "rejected": [u, b]}, "f:1") == want             # whole conversations
     assert pref_row({"prompt": "Q?", "chosen": "a", "rejected": "b"}, "f:1") == want    # prompt apart, strings
@@ -190,7 +192,8 @@ def tiny(tmp_path_factory):
     """A tiny random base checkpoint; prefs.jsonl with 48 pairs plus one whose prompt alone is longer
     than --max-len 64 (dropped)."""
     d = tmp_path_factory.mktemp("dpo")
-    rows = make_pairs(48) + [{"prompt": "Please add all of these numbers for me. " * 12, "chosen": "5", "rejected": "6"}]
+    long = {"prompt": "Please add all of these numbers for me. " * 12, "chosen": "5", "rejected": "6"}
+    rows = make_pairs(48) + [long]
     convs = [{"messages": r["chosen"]} if "chosen" in r and isinstance(r["chosen"], list) else
              {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["rejected"]}]}
              for r in rows]
@@ -366,13 +369,15 @@ def test_bad_preference_data_is_one_clear_error(tiny, tmp_path, monkeypatch, cap
              "rejected": [{"role": "user", "content": "B?"}, {"role": "assistant", "content": "b"}]}
     cases = {"malformed": (good + "\n{not json\n", ":2: malformed JSON"),
              "prompts": (good + "\n" + json.dumps(other) + "\n", ":2: chosen and rejected must share the same prompt"),
-             "missing": (json.dumps({"chosen": other["chosen"]}) + "\n", ":1: a preference row needs 'chosen' and 'rejected'"),
+             "missing": (json.dumps({"chosen": other["chosen"]}) + "\n",
+                         ":1: a preference row needs 'chosen' and 'rejected'"),
              "empty": ("", ": empty file")}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no process group in the test process
     for name, (text, msg) in cases.items():
         path = tmp_path / f"{name}.jsonl"
         path.write_text(text)
-        monkeypatch.setattr(sys, "argv", ["dpo.py", "--ckpt", tiny[0], "--data", str(path), "--out", str(tmp_path / "o")])
+        argv = ["dpo.py", "--ckpt", tiny[0], "--data", str(path), "--out", str(tmp_path / "o")]
+        monkeypatch.setattr(sys, "argv", argv)
         with pytest.raises(SystemExit) as e:
             runpy.run_path(os.path.join(ROOT, "dpo.py"), run_name="__main__")
         err = str(e.value)
