@@ -16,7 +16,7 @@ One step (--advantage gae, Tülu 3's PPO):
 3. Without gradients: the log-probs of the sampled tokens under the policy ("old", recomputed by the
    training forward at the same temperature; their gap to the generator's own log-probs is logged), under
    the frozen reference (the starting checkpoint), and the values V(prefix) of the value model.
-4. Per-token rewards r_t = -beta * KL_t, plus the score at the last response token (the EOS);
+4. Per-token rewards r_t = -beta * KL_t, plus the score at the last response token (the EOS if any);
    KL_t = k1 / k2 / k3 of d_t = logp_t - ref_logp_t. GAE(gamma, lambda) gives advantages, whitened over
    the whole batch (all ranks), and returns = advantages + values.
 5. --ppo-epochs passes over the batch in --mini-batches mini-batches, one optimizer step each for the
@@ -25,26 +25,32 @@ One step (--advantage gae, Tülu 3's PPO):
 6. beta is fixed, or adaptive (--kl-target, Ziegler et al. 2019): it moves by at most 20% x n / horizon
    per step towards the target KL per sequence.
 
-The other two modes change step 4 (and drop the value model); everything else is reused:
+The other two modes change step 4 and drop the value model; everything else is reused.
   grpo  GRPO (Shao et al. 2024, DeepSeekMath). n samples per prompt; every token of sample i gets
-        A_i = (s_i - mean(s)) / (std(s) + 1e-4) over its group's scores s (population std; a group whose
-        scores are all equal gets A = 0 and teaches nothing). The KL is not in the reward but a loss
-        term beta * k3(logp, ref_logp) per token, with gradient (k3 unless --kl-estimator says otherwise).
-        Simplifies PPO by: no value model and no GAE (the group mean is the baseline, the same for
-        every token: credit is not assigned within a response), normalisation by the group's spread
-        instead of whitening.
+        A_i = (s_i - mean(s)) / (std(s) + 1e-4) over its group's scores s (population std). The KL is
+        not in the reward but a loss term beta * k3(logp, ref_logp) per token, with its gradient.
+        What it simplifies, against PPO:
+        1. no value model, no GAE: the group mean is the baseline, the same for every token of a
+           response (no credit assignment within a response);
+        2. the group's spread replaces the batch whitening (a group whose scores are all equal gets
+           A = 0 and teaches nothing);
+        3. no per-token reward shaping: the KL is a regulariser of the loss (k3 unless --kl-estimator).
   rloo  RLOO (Ahmadian et al. 2024; Kool et al. 2019). n samples per prompt; sequence reward
-        R_i = s_i - beta * sum_t KL_t (KL in the reward, as in Tülu's PPO and TRL's RLOO); every token
-        of sample i gets A_i = R_i - mean_{j != i} R_j, the mean of the other samples of its prompt,
-        an unbiased baseline. Simplifies PPO by: no value model, no GAE, no whitening.
+        R_i = s_i - beta * sum_t KL_t (the KL stays in the reward, as in Tülu's PPO and TRL's RLOO);
+        every token of sample i gets A_i = R_i - mean_{j != i} R_j.
+        What it simplifies, against PPO:
+        1. no value model, no GAE: the other samples of the same prompt are the baseline (unbiased,
+           since they do not depend on sample i);
+        2. no whitening: the advantages keep the reward's scale.
 Both keep PPO's ratio clipping and several epochs over a batch (with 1 epoch and 1 mini-batch the ratio
-is 1 and the loss is the plain policy gradient).
+is 1 and the update is the plain policy gradient).
 
 Memory: the policy, the frozen reference and the value model are all resident, FSDP2-sharded alike (so
 each rank holds 1/world of each). The reference is skipped when beta is 0 and not adaptive, the value
 model outside --advantage gae. The entropy logged is the mean of -logp of the sampled tokens (a
 Monte-Carlo estimate of the per-token entropy of the sampling distribution): the fused log-prob op
-never forms the full distribution, so the exact entropy is not at hand.
+never forms the full distribution, so the exact entropy is not at hand. The value model's state and
+its optimizer are saved in train_state.pt next to the policy's (the output directory's HF checkpoint).
 """
 import argparse
 import math
