@@ -142,8 +142,11 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     p.add_argument("--max-len", type=int, default=None, help="tokens per sequence (prompt + response), truncated")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
     p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end")
+    p.add_argument("--eval-n", type=int, default=None, help="score only the first N held-out prompts")
     # on-policy pairs (without --data)
-    p.add_argument("--n-prompts", type=int, default=1000, help="built-in preference prompts to sample from")
+    # 300 of the 1000 built-in preference prompts: one modest offline round, as Tülu 3's DPO is one epoch
+    # on a fixed set; RLVR, which keeps sampling, then has room to add to it
+    p.add_argument("--n-prompts", type=int, default=300, help="built-in preference prompts to sample from")
     p.add_argument("--samples-per-prompt", type=int, default=4)
     p.add_argument("--sample-temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -254,6 +257,10 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
                        f"{time.time() - t0:.0f}s; {ok / (len(rows) * K):.1%} of samples verified correct; "
                        f"{int(n_pairs)} pairs; no pair for {int(none_ok)} prompts with no correct sample and "
                        f"{int(all_ok)} with no wrong one")
+                if n_pairs == 0:
+                    raise SystemExit(f"error: no preference pair: no prompt got both a verified and a wrong answer "
+                                     f"from {args.ckpt}; sample more (--samples-per-prompt, --n-prompts) or train "
+                                     "the SFT model longer")
             spec = [pairs_file]
         else:
             spec = args.data
@@ -348,11 +355,14 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
 
     # baseline accuracy on the held-out prompts: the SFT run's own eval.json when it scored these
     # prompts (the built-in held-out set of the same seed) with the same decoding, else the start model
+    if held_out is not None and args.eval_n is not None:
+        held_out = held_out[:args.eval_n]
     if held_out is not None:
         sft_eval, sft_args = os.path.join(args.ckpt, "eval.json"), os.path.join(args.ckpt, "args.json")
         if builtin and os.path.isfile(sft_eval) and os.path.isfile(sft_args):
             a = json.load(open(sft_args))
-            if a.get("seed") == args.seed and a.get("data") is None and a.get("eval_prompts") is None:
+            if (a.get("seed") == args.seed and a.get("data") is None and a.get("eval_prompts") is None
+                    and a.get("eval_n") == args.eval_n):
                 baseline = json.load(open(sft_eval))
         if baseline is None:
             baseline = evaluate(model, tok, held_out, max_new_tokens=EVAL_TOKENS)

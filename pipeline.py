@@ -27,7 +27,7 @@ p.add_argument("--dpo-args", default="")
 p.add_argument("--rl-args", default="")
 args = p.parse_args()
 
-FAST = {"sft": "--max-steps 4 --eval-n 16", "dpo": "--n-prompts 16 --max-steps 2 --eval-n 16", "rl": "--steps 2 --eval-n 16"}
+FAST = {"sft": "--max-steps 60 --eval-n 16", "dpo": "--n-prompts 64 --batch-size 4 --micro-batch-size 4 --max-steps 2 --eval-n 16", "rl": "--steps 2 --eval-n 16"}
 STAGES = [("sft", "sft.py", args.sft_args), ("dpo", "dpo.py", args.dpo_args), ("rlvr", "ppo_rlvr.py", args.rl_args)]
 here = os.path.dirname(os.path.abspath(__file__))
 

@@ -312,9 +312,9 @@ if __name__ == "__main__":
     # presets fill whatever was not given on the command line
     PRESETS = {
         # the tiny default: continues the tiny SFT/DPO model, a few minutes on 2 CPU cores
-        "tiny": dict(steps=20, prompts_per_step=32, max_new_tokens=64, max_prompt_len=256, verify_reward=10.0,
+        "tiny": dict(steps=60, prompts_per_step=32, max_new_tokens=64, max_prompt_len=256, verify_reward=10.0,
                      beta=0.05, kl_estimator="k1", gamma=1.0, lam=0.95, clip=0.2, value_clip=0.2, vf_coef=0.1,
-                     ppo_epochs=4, mini_batches=1, micro_batch_size=64, lr=3e-5, schedule="constant",
+                     ppo_epochs=4, mini_batches=1, micro_batch_size=64, lr=3e-5, value_lr=3e-4, schedule="constant",
                      warmup_ratio=0.0, save_dtype="fp32"),
         # Tülu 3 8B RLVR (open-instruct docs/tulu3.md and ppo_vllm_thread_ray_gtrl.py defaults): beta 0.05
         # k1, lr 3e-7 linear no warmup, gamma 1, lambda 0.95, clip 0.2, value clip 0.2, vf_coef 0.1,

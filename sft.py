@@ -68,7 +68,7 @@ args = p.parse_args()
 # presets fill whatever was not given on the command line (see README: "Presets")
 PRESETS = {
     # the tiny default: a ~0.9M-parameter model from scratch, a few minutes on 2 CPU cores
-    "tiny": dict(epochs=3, batch_size=32, micro_batch_size=32, lr=3e-3, schedule="cosine", warmup_ratio=0.05,
+    "tiny": dict(epochs=8, batch_size=32, micro_batch_size=32, lr=3e-3, schedule="cosine", warmup_ratio=0.05,
                  max_len=256, save_dtype="fp32"),
     # Tülu 3 8B SFT (open-instruct docs/tulu3.md): lr 5e-6 linear, warmup 0.03, wd 0, 2 epochs,
     # max length 4096, effective batch 128, sum loss

@@ -1,0 +1,28 @@
+"""
+The embedded default end to end, shortened: sft.py -> dpo.py -> ppo_rlvr.py through pipeline.py,
+a few steps each, so that the README's main command keeps working.
+
+    python -m pytest tests/test_pipeline.py -v
+"""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_fast_pipeline(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "pipeline.py", "--fast", "--out", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.load(open(out / "results.json"))["0"]
+    for stage in ("sft", "dpo", "rlvr"):
+        ev = json.load(open(out / stage / "eval.json"))
+        assert ev["n"] == 16 and 0.0 <= ev["accuracy"] <= 1.0
+        assert set(ev["per_task"]) == {"tiny_arith", "tiny_if"}
+        assert res[stage]["accuracy"] == ev["accuracy"]
+        assert os.path.isfile(out / stage / "model.safetensors") and os.path.isfile(out / stage / "metrics.jsonl")
+    assert "| seed | sft" in r.stdout  # the table was printed
