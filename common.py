@@ -118,6 +118,19 @@ def full_state_dict(model):
 # optimizer and schedule
 
 
+def add_optim_args(p):
+    """The optimizer, schedule and checkpoint flags that sft.py, dpo.py and ppo_rlvr.py share; each
+    script's preset fills the ones left at None."""
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default=None)
+    p.add_argument("--warmup-ratio", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--save-dtype", choices=["fp32", "bf16"], default=None)
+
+
 def build_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999)):
     """AdamW; no decay on norms and biases (1-D tensors), as is customary."""
     params = [p for p in model.parameters() if p.requires_grad]

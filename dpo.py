@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (IGNORE, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint, init_distributed, is_dist,
-                    load_model, load_train_state, log_metrics, lr_at, print0, save_checkpoint, seed_everything,
-                    token_logprobs, trim_metrics, write_json)
+from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint,
+                    init_distributed, is_dist, load_model, load_train_state, log_metrics, lr_at, print0,
+                    save_checkpoint, seed_everything, token_logprobs, trim_metrics, write_json)
 from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_jsonl, rlvr_row
 from tokenizer import Tokenizer, tokenize_conversation
 
@@ -155,15 +155,8 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--batch-size", type=int, default=None, help="pairs per optimizer step, all ranks")
     p.add_argument("--micro-batch-size", type=int, default=None, help="pairs per forward (x2 sequences), per rank")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default=None)
-    p.add_argument("--warmup-ratio", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--grad-checkpoint", action="store_true")
+    add_optim_args(p)  # --lr --schedule --warmup-ratio ... --save-every (shared: common.py)
     # checkpoints
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--save-dtype", choices=["fp32", "bf16"], default=None)
     args = p.parse_args()
 
     # presets fill whatever was not given on the command line

@@ -246,9 +246,9 @@ if __name__ == "__main__":
 
     from tqdm import tqdm
 
-    from common import (all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint, full_state_dict,
-                        init_distributed, is_dist, load_model, load_train_state, log_metrics, lr_at, print0,
-                        save_checkpoint, seed_everything, trim_metrics, write_json)
+    from common import (add_optim_args, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint,
+                        full_state_dict, init_distributed, is_dist, load_model, load_train_state, log_metrics, lr_at,
+                        print0, save_checkpoint, seed_everything, trim_metrics, write_json)
     from data import DataError, encode_prompt, epoch_order, load_mixture, read_jsonl, rlvr_row
     from model import generate
 
@@ -295,16 +295,9 @@ if __name__ == "__main__":
     p.add_argument("--micro-batch-size", type=int, default=None, help="sequences per forward, per rank")
     p.add_argument("--loss-norm", choices=["token", "sequence"], default="token")
     # optimization
-    p.add_argument("--lr", type=float, default=None)
+    add_optim_args(p)  # --lr --schedule --warmup-ratio ... --save-every (shared: common.py)
     p.add_argument("--value-lr", type=float, default=None, help="default: --lr")
-    p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default=None)
-    p.add_argument("--warmup-ratio", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--grad-checkpoint", action="store_true")
     # checkpoints and evaluation
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--save-dtype", choices=["fp32", "bf16"], default=None)
     p.add_argument("--eval-max-new-tokens", type=int, default=64)
     p.add_argument("--eval-n", type=int, default=None, help="score only the first N held-out prompts (0: none)")
     args = p.parse_args()

@@ -26,9 +26,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (IGNORE, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint, init_distributed,
-                    load_model, load_train_state, log_metrics, lr_at, print0, save_checkpoint, seed_everything,
-                    write_json)
+from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint,
+                    init_distributed, load_model, load_train_state, log_metrics, lr_at, print0, save_checkpoint,
+                    seed_everything, write_json)
 from data import DataError, encode_sft, epoch_order, load_mixture, pack_batch, pad_batch, sft_row
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,17 +52,10 @@ p.add_argument("--epochs", type=float, default=None)
 p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
 p.add_argument("--batch-size", type=int, default=None, help="examples per optimizer step, all ranks")
 p.add_argument("--micro-batch-size", type=int, default=None, help="examples per forward, per rank")
-p.add_argument("--lr", type=float, default=None)
-p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default=None)
-p.add_argument("--warmup-ratio", type=float, default=None)
-p.add_argument("--weight-decay", type=float, default=0.0)
-p.add_argument("--grad-clip", type=float, default=1.0)
+add_optim_args(p)  # --lr --schedule --warmup-ratio ... --save-every (shared: common.py)
 p.add_argument("--loss-reduction", choices=["sum", "mean"], default="sum")
-p.add_argument("--grad-checkpoint", action="store_true")
 # logging and checkpoints
 p.add_argument("--eval-every", type=int, default=50, help="validation loss every N steps")
-p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-p.add_argument("--save-dtype", choices=["fp32", "bf16"], default=None)
 args = p.parse_args()
 
 # presets fill whatever was not given on the command line (see README: "Presets")
