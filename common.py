@@ -140,6 +140,18 @@ def build_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999)):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
+def plan_steps(n, args, world, what="examples"):
+    """-> (accum, steps_per_epoch, total, warmup) for n rows, --batch-size rows per optimizer step over
+    all ranks, --micro-batch-size rows per forward per rank, --epochs and --max-steps."""
+    B, mB = args.batch_size, args.micro_batch_size
+    assert B % (mB * world) == 0, f"--batch-size {B} must be a multiple of micro-batch {mB} x world {world}"
+    steps_per_epoch = n // B
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {n} {what} is fewer than one batch of {B}")
+    total = min(math.ceil(args.epochs * steps_per_epoch), args.max_steps or 10**12)
+    return B // (mB * world), steps_per_epoch, total, int(args.warmup_ratio * total)
+
+
 def lr_at(step, total, lr, warmup, kind="linear"):
     """Linear warmup over `warmup` steps, then linear or cosine decay to 0 at `total`, or constant."""
     if step < warmup:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint,
-                    init_distributed, is_dist, load_model, load_train_state, log_metrics, lr_at, print0,
+                    init_distributed, is_dist, load_model, load_train_state, log_metrics, lr_at, plan_steps, print0,
                     save_checkpoint, seed_everything, token_logprobs, trim_metrics, write_json)
 from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_jsonl, rlvr_row
 from tokenizer import Tokenizer, tokenize_conversation
@@ -279,13 +279,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     lengths = torch.tensor(lengths, dtype=torch.float32).reshape(-1, 3)
     N = len(pairs)
     B, mB = args.batch_size, args.micro_batch_size
-    assert B % (mB * world) == 0, f"--batch-size {B} must be a multiple of micro-batch {mB} x world {world}"
-    accum = B // (mB * world)
-    steps_per_epoch = N // B
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {N} preference pairs is fewer than one batch of {B}")
-    total = min(math.ceil(args.epochs * steps_per_epoch), args.max_steps or 10**12)
-    warmup = int(args.warmup_ratio * total)
+    accum, steps_per_epoch, total, warmup = plan_steps(N, args, world, "preference pairs")
     n_params = sum(q.numel() for q in model.parameters())
     print0(f"pairs: {N}; {n_bad} bad rows skipped, {n_drop} dropped (a response empty after truncation to "
            f"--max-len {args.max_len}); mean response tokens chosen {lengths[:, 0].mean():.1f}, "

@@ -27,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint,
-                    init_distributed, load_model, load_train_state, log_metrics, lr_at, print0, save_checkpoint,
-                    seed_everything, write_json)
+                    init_distributed, load_model, load_train_state, log_metrics, lr_at, plan_steps, print0,
+                    save_checkpoint, seed_everything, write_json)
 from data import DataError, encode_sft, epoch_order, load_mixture, pack_batch, pad_batch, sft_row
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,13 +119,7 @@ for msgs in rows:
 n_val = int(len(examples) * args.val_frac)
 val, train = examples[:n_val], examples[n_val:]
 B, mB = args.batch_size, args.micro_batch_size
-assert B % (mB * world) == 0, f"--batch-size {B} must be a multiple of micro-batch {mB} x world {world}"
-accum = B // (mB * world)
-steps_per_epoch = len(train) // B
-if steps_per_epoch == 0:
-    raise SystemExit(f"error: {len(train)} training examples is fewer than one batch of {B}")
-total = min(math.ceil(args.epochs * steps_per_epoch), args.max_steps or 10**12)
-warmup = int(args.warmup_ratio * total)
+accum, steps_per_epoch, total, warmup = plan_steps(len(train), args, world, "training examples")
 n_params = sum(p.numel() for p in model.parameters())
 print0(f"examples: {len(train)} train, {len(val)} val; {n_bad} bad rows skipped, {n_trunc} truncated, "
        f"{n_drop} dropped (over --max-len {args.max_len} or nothing to train on)")
