@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint,
                     init_distributed, load_model, load_train_state, log_metrics, lr_at, plan_steps, print0,
-                    save_checkpoint, seed_everything, write_json)
+                    save_checkpoint, seed_everything, trim_metrics, write_json)
 from data import DataError, encode_sft, epoch_order, load_mixture, pack_batch, pad_batch, sft_row
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -165,12 +165,7 @@ start = 0
 if resumed:
     start = load_train_state(resumed, model, opt)["step"]
     print0(f"resumed from {resumed} at step {start}")
-    if rank == 0:  # drop metrics logged after that checkpoint: they are about to be redone
-        mpath = os.path.join(args.out, "metrics.jsonl")
-        if os.path.isfile(mpath):
-            import json
-            keep = [ln for ln in open(mpath) if json.loads(ln).get("step", -1) < start]
-            open(mpath, "w").writelines(keep)
+trim_metrics(args.out, start)  # rows after the checkpoint are about to be redone (all rows, if fresh)
 save_dtype = torch.bfloat16 if args.save_dtype == "bf16" else torch.float32
 bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, desc="sft")
 for step in bar:
