@@ -76,23 +76,24 @@ def seed_everything(seed):
 # model on the device: load, shard, and gather back
 
 
-def load_model(path, device, requires_grad=True, grad_checkpoint=False):
+def load_model(path, device, requires_grad=True, grad_checkpoint=False, body_only=False):
     """Loads an HF checkpoint for training. CPU single process: fp32 module. CUDA / torchrun: built on
     the meta device, FSDP2-sharded per block and at the root, then filled from rank 0's full state
-    dict by broadcast, so no rank ever holds a second full copy on the GPU."""
+    dict by broadcast, so no rank ever holds a second full copy on the GPU. body_only: no output
+    projection (a value model's body; see Llama.from_pretrained)."""
     if not is_dist():
-        model = Llama.from_pretrained(path, device=device, dtype=torch.float32)
+        model = Llama.from_pretrained(path, device=device, dtype=torch.float32, body_only=body_only)
         model.grad_checkpoint = grad_checkpoint
         return model.requires_grad_(requires_grad)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    full = Llama.from_pretrained(path, device="cpu") if dist.get_rank() == 0 else None
+    full = Llama.from_pretrained(path, device="cpu", body_only=body_only) if dist.get_rank() == 0 else None
     cfg = full.cfg if full is not None else None
     obj = [cfg]
     dist.broadcast_object_list(obj, src=0)  # the config is small: every rank builds the same module
     with torch.device("meta"):
-        model = Llama(obj[0])
+        model = Llama(obj[0], body_only=body_only)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()  # CPU/gloo: plain fp32
     for block in model.layers:

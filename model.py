@@ -205,23 +205,27 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, body_only: bool = False):
         # NOTE: under `with torch.device("meta")` no data exists after __init__: call
         # init_weights() (training from scratch) or load a checkpoint (from_pretrained).
+        # body_only: no output projection at all, for value and reward models that put their own head
+        # on the final hidden states (forward(..., return_hidden=True)).
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.body_only = cfg, body_only
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # tied models have no lm_head module at all: the output projection *is* the embedding,
         # so there is one tensor to load, shard and save (HF writes no lm_head.weight then).
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings or body_only else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.grad_checkpoint = False  # recompute each block in backward: trades compute for memory
         self._inv_freq = None
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
         """(V, C) output projection, for losses that fuse it with the log-softmax (kernels/)."""
+        if self.body_only:
+            raise RuntimeError("this Llama was built body_only: it has no output projection (use return_hidden)")
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     @torch.no_grad()
@@ -286,37 +290,35 @@ class Llama(nn.Module):
     # HF checkpoints in and out
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, body_only=False):
         """Loads config.json + model.safetensors or shards listed in model.safetensors.index.json.
         Strict: every parameter must be present once with the right shape, nothing extra.
-        Built on the meta device and filled tensor by tensor: no second full copy in memory."""
+        Built on the meta device and filled tensor by tensor: no second full copy in memory.
+        body_only=True loads the transformer without its output projection: the body of a value model,
+        from a causal LM (lm_head.weight is skipped) or from an HF *ForSequenceClassification reward model
+        (whose score.weight is left for the caller: read_tensor(path, "score.weight"))."""
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{cfg_path} not found: not a Hugging Face checkpoint directory")
         with open(cfg_path) as f:
-            cfg = LlamaConfig.from_hf(json.load(f), cfg_path)
+            d = json.load(f)
+        cfg = LlamaConfig.from_hf(d, cfg_path)
+        classifier = any(a.endswith("ForSequenceClassification") for a in d.get("architectures") or [])
+        if classifier and not body_only:
+            raise ValueError(f"{cfg_path}: {d['architectures'][0]} is a reward (sequence-classification) model "
+                             "with no LM head; it can only be a value model's body")
+        skip = {"lm_head.weight", "score.weight"} if body_only else set()
         with torch.device("meta"):
-            model = cls(cfg)
+            model = cls(cfg, body_only=body_only)
         expected = {k: v.shape for k, v in model.state_dict().items()}
-        # which file holds which tensor
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        elif os.path.isfile(os.path.join(path, "model.safetensors")):
-            weight_map = None
-        else:
-            raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
-        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         sd, seen = {}, {}
-        for fname in files:
-            fpath = os.path.join(path, fname)
+        for fpath in checkpoint_files(path):
             try:
                 with safe_open(fpath, framework="pt", device="cpu") as f:
                     for key in f.keys():
                         name = key.removeprefix("model.")
-                        if name.endswith("rotary_emb.inv_freq"):
-                            continue  # old exports saved this buffer; we recompute it
+                        if name.endswith("rotary_emb.inv_freq") or name in skip:
+                            continue  # old exports saved this buffer (we recompute it); heads we do not use
                         if name == "lm_head.weight" and cfg.tie_embeddings:
                             continue  # tied: the output projection is the embedding
                         if name not in expected:
@@ -327,7 +329,7 @@ class Llama(nn.Module):
                         if t.shape != expected[name]:
                             raise ValueError(f"{fpath}: tensor {key!r} has shape {tuple(t.shape)}, "
                                              f"expected {tuple(expected[name])}")
-                        sd[name], seen[name] = t.to(device=device, dtype=dtype), fname
+                        sd[name], seen[name] = t.to(device=device, dtype=dtype), os.path.basename(fpath)
             except ValueError:
                 raise
             except Exception as e:  # header or data truncated/corrupt, file missing
@@ -343,6 +345,8 @@ class Llama(nn.Module):
         atomically: everything goes to a temp dir next to `path`, which is then renamed into place
         (atomic=False writes straight into `path`, for callers that swap a whole directory themselves).
         `state_dict` lets FSDP callers pass the gathered full state dict (rank 0 only)."""
+        if self.body_only:
+            raise RuntimeError(f"save_pretrained({path!r}): a body_only Llama has no LM head to save")
         sd = self.state_dict() if state_dict is None else state_dict
         sd = {("" if k.startswith("lm_head.") else "model.") + k: v.detach().to("cpu", dtype or v.dtype).contiguous()
               for k, v in sd.items()}
@@ -397,6 +401,26 @@ def replace_dir(tmp, path):
     os.rename(tmp, path)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_files(path):
+    """The safetensors files of an HF checkpoint directory: the shards its index lists, or model.safetensors."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return [os.path.join(path, "model.safetensors")]
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+
+
+def read_tensor(path, key, dtype=torch.float32):
+    """One tensor of an HF checkpoint by its full name (e.g. a reward model's "score.weight"), or None."""
+    for fpath in checkpoint_files(path):
+        with safe_open(fpath, framework="pt", device="cpu") as f:
+            if key in f.keys():
+                return f.get_tensor(key).to(dtype)
+    return None
 
 
 # -----------------------------------------------------------------------------

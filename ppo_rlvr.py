@@ -46,7 +46,9 @@ Both keep PPO's ratio clipping and several epochs over a batch (with 1 epoch and
 is 1 and the update is the plain policy gradient).
 
 Memory: the policy, the frozen reference and the value model are all resident, FSDP2-sharded alike (so
-each rank holds 1/world of each). The reference is skipped when beta is 0 and not adaptive, the value
+each rank holds 1/world of each; the value model has no LM head). It starts from --value-ckpt: a causal
+LM's body with a zero head, or an HF reward model (*ForSequenceClassification, 1 label) whole, as Tülu 3
+starts its value model from a reward model. The reference is skipped when beta is 0 and not adaptive, the value
 model outside --advantage gae. The entropy logged is the mean of -logp of the sampled tokens (a
 Monte-Carlo estimate of the per-token entropy of the sampling distribution): the fused log-prob op
 never forms the full distribution, so the exact entropy is not at hand. The value model's state and
@@ -58,9 +60,11 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
-from common import IGNORE, token_logprobs
+from common import IGNORE, is_dist, load_model, token_logprobs
+from model import read_tensor
 
 # -----------------------------------------------------------------------------
 # the maths of a PPO step: pure functions on (B, T) tensors, T = response tokens, mask = 1 on real
@@ -220,16 +224,39 @@ def response_logprobs(model, batch, temperature=1.0):
 
 
 class ValueModel(nn.Module):
-    """V(prefix): a Llama body (final normed hidden states; its LM head is unused) and a scalar head,
-    like HF's LlamaForSequenceClassification `score` layer (C -> 1, no bias). The head starts at 0, so
-    the first values are 0 and the body is not disturbed before the head has learnt a direction."""
+    """V(prefix): a Llama body (final normed hidden states, no LM head) and a scalar head, HF's
+    LlamaForSequenceClassification `score` layer (C -> 1, no bias). From a reward model (Tülu 3 and
+    open-instruct start the value model from one) the head is its score layer; from a causal LM it
+    starts at 0, so the first values are 0 and the body is not disturbed before the head has learnt a
+    direction."""
 
-    def __init__(self, body):
+    def __init__(self, body, score=None):
         super().__init__()
         self.body = body
         w = body.embed_tokens.weight
         self.head = nn.Linear(body.cfg.dim, 1, bias=False, device=w.device, dtype=torch.float32)
-        nn.init.zeros_(self.head.weight)
+        with torch.no_grad():
+            if score is None:
+                self.head.weight.zero_()
+            else:
+                self.head.weight.copy_(score)
+
+    @classmethod
+    def from_pretrained(cls, path, device, grad_checkpoint=False):
+        """From a causal LM or an HF *ForSequenceClassification reward model with one label. Under
+        torchrun rank 0 reads the score layer and broadcasts it (load_model shards the body)."""
+        body = load_model(path, device, grad_checkpoint=grad_checkpoint, body_only=True)
+        score = read_tensor(path, "score.weight") if not is_dist() or dist.get_rank() == 0 else None
+        if score is not None and score.shape != (1, body.cfg.dim):
+            raise ValueError(f"{path}: score.weight has shape {tuple(score.shape)}; a value head needs one "
+                             f"label, shape (1, {body.cfg.dim})")
+        vm = cls(body, score)
+        if is_dist():
+            flag = torch.tensor([score is not None], device=device)
+            dist.broadcast(flag, 0)
+            if flag.item():
+                dist.broadcast(vm.head.weight.data, 0)
+        return vm
 
     def forward(self, input_ids, idx):
         """-> V at positions idx (B, T) of each row, fp32: with rollout_batch's idx, the value of the state
@@ -247,7 +274,7 @@ if __name__ == "__main__":
     from tqdm import tqdm
 
     from common import (add_optim_args, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint,
-                        full_state_dict, init_distributed, is_dist, load_model, load_train_state, log_metrics, lr_at,
+                        full_state_dict, init_distributed, load_train_state, log_metrics, lr_at,
                         print0, save_checkpoint, seed_everything, trim_metrics, write_json)
     from data import DataError, encode_prompt, epoch_order, load_mixture, read_jsonl, rlvr_row
     from model import generate
@@ -256,7 +283,8 @@ if __name__ == "__main__":
     # what to train
     p.add_argument("--ckpt", default=None,
                    help="policy to start from, also the KL reference (default: out/dpo, else out/sft)")
-    p.add_argument("--value-ckpt", default=None, help="checkpoint for the value model's body (default: --ckpt)")
+    p.add_argument("--value-ckpt", default=None, help="the value model's start: a causal LM (its body, a zero "
+                   "head) or a reward model, HF *ForSequenceClassification with 1 label (default: --ckpt)")
     p.add_argument("--data", nargs="*", default=None, help="RLVR JSONL files, 'file:fraction' or 'file:count' "
                    "(default: the built-in RL prompts)")
     p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end "
@@ -387,11 +415,7 @@ if __name__ == "__main__":
     ref = load_model(args.ckpt, device, requires_grad=False).eval() if need_ref else None
     vm = None
     if args.advantage == "gae":
-        vpath = os.path.join(args.value_ckpt or args.ckpt, "config.json")
-        if "ForSequenceClassification" in str(json.load(open(vpath)).get("architectures")):
-            raise SystemExit(f"error: {vpath}: a sequence-classification reward model (score head) cannot be "
-                             "loaded as the value model's body yet; give a causal-LM checkpoint")
-        vm = ValueModel(load_model(args.value_ckpt or args.ckpt, device, grad_checkpoint=args.grad_checkpoint))
+        vm = ValueModel.from_pretrained(args.value_ckpt or args.ckpt, device, args.grad_checkpoint)
         if is_dist():  # the head joins the FSDP2 mesh too (the body's blocks were sharded by load_model)
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \

@@ -48,6 +48,24 @@ def tiny(tmp_path_factory):
     return base, path
 
 
+@pytest.fixture(scope="module")
+def reward_model(tiny, tmp_path_factory):
+    """An HF LlamaForSequenceClassification (1 label) with the base's shape and tokenizer, random weights
+    (std 0.2, so its scores are far from 0), written by transformers: the value model's other start."""
+    transformers = pytest.importorskip("transformers")
+    base = json.load(open(os.path.join(tiny[0], "config.json")))
+    tok = Tokenizer.from_pretrained(tiny[0])
+    keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "rms_norm_eps", "rope_theta", "max_position_embeddings")
+    cfg = transformers.LlamaConfig(**{k: base[k] for k in keep}, num_labels=1, pad_token_id=tok.pad_id,
+                                   initializer_range=0.2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    rm = transformers.LlamaForSequenceClassification(cfg).eval()
+    path = str(tmp_path_factory.mktemp("rm") / "rm")
+    rm.save_pretrained(path)
+    return path, rm
+
+
 def run_ppo(tiny, out, *extra, nproc=1, wait=True):
     base, path = tiny
     cmd = ["ppo_rlvr.py", "--ckpt", base, "--data", path, "--out", str(out), "--eval-n", "0",
@@ -234,6 +252,38 @@ def test_generator_and_training_logprobs_agree(tiny, temperature):
     assert vm(b["input_ids"], b["idx"]).abs().max().item() == 0
 
 
+def test_value_model_from_a_reward_model(tiny, reward_model):
+    """--value-ckpt may be an HF reward model: body and score layer load, and V at every position is the
+    reward model's score there (its pooled output at the last token), as transformers computes it."""
+    path, rm = reward_model
+    vm = ValueModel.from_pretrained(path, torch.device("cpu"))
+    assert vm.body.lm_head is None
+    ids = torch.randint(0, rm.config.vocab_size, (3, 17))
+    ids[ids == rm.config.pad_token_id] = 1
+    idx = torch.arange(17).expand(3, 17)
+    with torch.no_grad():
+        ours = vm(ids, idx)
+        hf = rm.model(ids).last_hidden_state @ rm.score.weight.T  # (3, 17, 1) per-position scores
+        pooled = rm(ids).logits[:, 0]
+    assert ours.abs().max().item() > 0.1  # a real, non-zero head
+    assert (ours - hf[..., 0]).abs().max().item() <= 1e-5
+    assert (ours[:, -1] - pooled).abs().max().item() <= 1e-5
+    # a causal LM still works as the body, with a zero head
+    vm0 = ValueModel.from_pretrained(tiny[0], torch.device("cpu"))
+    assert vm0.body.lm_head is None and vm0.head.weight.abs().max().item() == 0
+
+
+def test_reward_model_errors(reward_model, tmp_path):
+    path, rm = reward_model
+    with pytest.raises(ValueError, match="reward .*no LM head"):
+        Llama.from_pretrained(path)  # not a causal LM
+    two = tmp_path / "two_labels"
+    rm2 = type(rm)(type(rm.config)(**{**rm.config.to_dict(), "num_labels": 2}))
+    rm2.save_pretrained(str(two))
+    with pytest.raises(ValueError, match=r"score.weight has shape \(2, 32\)"):
+        ValueModel.from_pretrained(str(two), torch.device("cpu"))
+
+
 # -----------------------------------------------------------------------------
 # the script
 
@@ -259,14 +309,17 @@ def test_group_modes_raise_the_reward(tiny, tmp_path, mode):
     assert "value_loss" not in metrics(str(tmp_path / mode))[-1]
 
 
-def test_two_processes_equal_one(tiny, tmp_path):
+def test_two_processes_equal_one(tiny, reward_model, tmp_path):
     """Same rollouts (--per-prompt-seed), same whitening (over both ranks), same token-normalised loss:
-    2 FSDP2 ranks on gloo give the single process's metrics, policy and value model."""
-    args = ("--steps", 2, "--prompts-per-step", 8, "--lr", 1e-2, "--per-prompt-seed", "--micro-batch-size", 3)
+    2 FSDP2 ranks on gloo give the single process's metrics, policy and value model. The value model
+    starts from the reward model, whose score layer rank 0 reads and broadcasts."""
+    args = ("--steps", 2, "--prompts-per-step", 8, "--lr", 1e-2, "--per-prompt-seed", "--micro-batch-size", 3,
+            "--value-ckpt", reward_model[0])
     run_ppo(tiny, tmp_path / "one", *args)
     run_ppo(tiny, tmp_path / "two", *args, nproc=2)
     one, two = metrics(str(tmp_path / "one")), metrics(str(tmp_path / "two"))
     assert one[0]["reward"] > 0 and one[-1]["kl"] != 0  # a real signal went through both
+    assert abs(one[0]["explained_var"]) > 1e-3  # the reward model's head, not a zero one (which gives 0)
     for a, b in zip(one, two):
         for k in ("reward", "kl", "pg_loss", "value_loss", "clipfrac", "explained_var", "approx_kl"):
             assert a[k] == pytest.approx(b[k], abs=1e-5, rel=1e-4), k
