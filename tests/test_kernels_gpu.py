@@ -5,8 +5,7 @@ kernels/ on CUDA: the compiled Triton path in bf16 and fp32 against float64, and
 
 bf16 follows Cut Cross-Entropy's rule, err(ours) <= err(eager bf16 PyTorch) + 1e-2 against float64 from the
 same bf16 inputs, with err = max |x - fp64| / max |fp64| (absolute below 1 for log-probs and losses), plus a
-relative loss error <= 1e-3. fp32 inputs (cuBLAS
-fp32, TF32 off) must match to 1e-5 as on the CPU.
+relative loss error <= 1e-3. fp32 inputs (cuBLAS fp32, TF32 off): err(ours) <= err(eager fp32) + 1e-5.
 """
 import pytest
 import torch
@@ -116,18 +115,25 @@ def test_bf16(case):
 
 @pytest.mark.parametrize("case", ["slabs", "large", "peaked"])
 def test_fp32(case):
+    # fp32 inputs: the same rule as bf16 with fp32's margin, err(ours) <= err(eager fp32) + 1e-5. With
+    # logits of magnitude ~100 ("large") the fp32 rounding of z/T - lse alone is ~1e-5 relative in
+    # softmax, so a flat 1e-5 would fail eager PyTorch too on some GPUs
     N, H, V, T, ignored, logits, chunk = CASES[case]
     lp.CHUNK_BYTES = chunk
     x, w, y, g = make(N, H, V, ignored, logits, torch.float32)
     ours = run(lambda a, b: kernels.fused_linear_logprobs(a, b, y, T), x, w, g)
+    eager = run(lambda a, b: logprobs_torch(a, b, y, T), x, w, g)
     ref = run(lambda a, b: logprobs_torch(a, b, y, T), x.double(), w.double(), g.double())
-    for name, a, r in zip(["logp", "dX", "dW"], ours, ref):
-        err = rel_err(a, r, 1.0 if name == "logp" else 0.0)
-        assert err <= 1e-5, f"{name}: {err:.2e}"
+    for name, a, b, r in zip(["logp", "dX", "dW"], ours, eager, ref):
+        floor = 1.0 if name == "logp" else 0.0
+        err, err_eager = rel_err(a, r, floor), rel_err(b, r, floor)
+        assert err <= err_eager + 1e-5, f"{name}: {err:.2e} > eager fp32 {err_eager:.2e} + 1e-5"
     ce = run(lambda a, b: kernels.fused_linear_cross_entropy(a, b, y), x, w, None)
+    eager = run(lambda a, b: F.cross_entropy(a @ b.T, y, ignore_index=IGNORE), x, w, None)
     ref = run(lambda a, b: F.cross_entropy(a @ b.T, y, ignore_index=IGNORE), x.double(), w.double(), None)
-    for name, a, r in zip(["loss", "dX", "dW"], ce, ref):
-        assert (a - r).abs().max() <= 1e-5 * r.abs().max().clamp(min=1), name
+    for name, a, b, r in zip(["loss", "dX", "dW"], ce, eager, ref):
+        err, err_eager = rel_err(a, r, 1.0 if name == "loss" else 0.0), rel_err(b, r, 1.0 if name == "loss" else 0.0)
+        assert err <= err_eager + 1e-5, f"ce {name}: {err:.2e} > eager fp32 {err_eager:.2e} + 1e-5"
 
 
 def test_triton_matches_reference_path():
