@@ -144,8 +144,10 @@ def build_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999)):
 def plan_steps(n, args, world, what="examples"):
     """-> (accum, steps_per_epoch, total, warmup) for n rows, --batch-size rows per optimizer step over
     all ranks, --micro-batch-size rows per forward per rank, --epochs and --max-steps."""
-    B, mB = args.batch_size, args.micro_batch_size
-    assert B % (mB * world) == 0, f"--batch-size {B} must be a multiple of micro-batch {mB} x world {world}"
+    B = args.batch_size
+    mB = args.micro_batch_size = min(args.micro_batch_size, max(1, B // world))  # a small batch: no accumulation
+    if B % (mB * world):
+        raise SystemExit(f"error: --batch-size {B} must be a multiple of --micro-batch-size {mB} x world size {world}")
     steps_per_epoch = n // B
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {n} {what} is fewer than one batch of {B}")

@@ -118,8 +118,8 @@ for msgs in rows:
     examples.append(ex)
 n_val = int(len(examples) * args.val_frac)
 val, train = examples[:n_val], examples[n_val:]
-B, mB = args.batch_size, args.micro_batch_size
 accum, steps_per_epoch, total, warmup = plan_steps(len(train), args, world, "training examples")
+B, mB = args.batch_size, args.micro_batch_size
 n_params = sum(p.numel() for p in model.parameters())
 print0(f"examples: {len(train)} train, {len(val)} val; {n_bad} bad rows skipped, {n_trunc} truncated, "
        f"{n_drop} dropped (over --max-len {args.max_len} or nothing to train on)")

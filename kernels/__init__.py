@@ -7,8 +7,9 @@ kernels: the fused LM-head losses, in Triton (+ cuBLAS) with a PyTorch reference
         SFT's loss, gradient computed during the forward
 
 Neither ever holds the full [N, V] logits. CUDA tensors take the Triton path, everything else the chunked
-PyTorch reference. set_impl("torch" | "triton" | "auto") forces one (tests; the Triton path runs on CPU tensors
-under TRITON_INTERPRET=1, which must be set before this package is imported).
+PyTorch reference. set_impl("torch" | "triton" | "auto"), or KERNELS_IMPL in the environment of a whole run, forces
+one (the Triton path runs on CPU tensors under TRITON_INTERPRET=1, which must be set before this package is
+imported).
 """
 from kernels import logprobs
 from kernels.cross_entropy import fused_linear_cross_entropy

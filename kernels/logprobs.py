@@ -40,7 +40,11 @@ except ImportError:  # e.g. macOS: the PyTorch reference path still works
 
 # NOTE the interpreter is chosen when triton decorates the kernels, i.e. at import: set TRITON_INTERPRET=1 first
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-IMPL = "auto"  # "auto": Triton for CUDA tensors, reference otherwise; "triton" or "torch" force one (tests)
+# "auto": Triton for CUDA tensors, the reference otherwise; "triton" or "torch" force one (tests; the environment
+# variable KERNELS_IMPL sets it for a whole script run, e.g. KERNELS_IMPL=torch to rule the kernels out)
+IMPL = os.environ.get("KERNELS_IMPL", "auto")
+if IMPL not in ("auto", "triton", "torch"):
+    raise ValueError(f"KERNELS_IMPL must be auto, triton or torch, got {IMPL!r}")
 CHUNK_BYTES = 256 * 2**20  # logits buffer: 1024 rows x 128256 vocab, or 8192 rows x 16384 vocab, in bf16
 
 
