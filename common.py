@@ -76,13 +76,15 @@ def seed_everything(seed):
 # model on the device: load, shard, and gather back
 
 
-def load_model(path, device, requires_grad=True, grad_checkpoint=False, body_only=False):
+def load_model(path, device, requires_grad=True, grad_checkpoint=False, body_only=False, compile=False):
     """Loads an HF checkpoint for training. CPU single process: fp32 module. CUDA / torchrun: built on
     the meta device, FSDP2-sharded per block and at the root, then filled from rank 0's full state
     dict by broadcast, so no rank ever holds a second full copy on the GPU. body_only: no output
-    projection (a value model's body; see Llama.from_pretrained)."""
+    projection (a value model's body; see Llama.from_pretrained). compile: Llama.compile_blocks."""
     if not is_dist():
         model = Llama.from_pretrained(path, device=device, dtype=torch.float32, body_only=body_only)
+        if compile:
+            model.compile_blocks()
         model.grad_checkpoint = grad_checkpoint
         return model.requires_grad_(requires_grad)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -94,6 +96,8 @@ def load_model(path, device, requires_grad=True, grad_checkpoint=False, body_onl
     dist.broadcast_object_list(obj, src=0)  # the config is small: every rank builds the same module
     with torch.device("meta"):
         model = Llama(obj[0], body_only=body_only)
+    if compile:
+        model.compile_blocks()
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()  # CPU/gloo: plain fp32
     for block in model.layers:
@@ -128,6 +132,8 @@ def add_optim_args(p):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (training "
+                   "forward and backward; generation stays eager)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--save-dtype", choices=["fp32", "bf16"], default=None)
 

@@ -192,7 +192,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     if args.resume and resumed is None:
         print0(f"--resume: no checkpoint in {args.out}, starting fresh")
     tok = Tokenizer.from_pretrained(args.ckpt)
-    model = load_model(args.ckpt, device, grad_checkpoint=args.grad_checkpoint)
+    model = load_model(args.ckpt, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile)
     pairs_file = os.path.join(args.out, "pairs.jsonl")
 
     def on_policy_pairs(rows):
@@ -359,7 +359,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
 
     if resumed:  # the policy continues from the checkpoint; the start model has done its part
         del model
-        model = load_model(resumed, device, grad_checkpoint=args.grad_checkpoint)
+        model = load_model(resumed, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile)
     model.train()
     opt = build_optimizer(model, args.lr, args.weight_decay)
     start = 0

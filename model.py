@@ -228,6 +228,14 @@ class Llama(nn.Module):
             raise RuntimeError("this Llama was built body_only: it has no output projection (use return_hidden)")
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def compile_blocks(self):
+        """torch.compile each transformer block, torchtitan's recipe: per block and before FSDP2 wraps
+        them. The one small graph every block shares compiles quickly, and the fused loss (opaque to the
+        compiler) stays outside. generate() runs eagerly all the same (its KV cache and CUDA graph)."""
+        for block in self.layers:
+            block.compile()
+        return self
+
     @torch.no_grad()
     def init_weights(self, std=0.02):
         """HF's init for training from scratch: N(0, std) matrices, zero biases, unit norms."""
@@ -565,6 +573,14 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         n = torch.tensor(len(batches), device=model.embed_tokens.weight.device)
         torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
         batches += [[] for _ in range(int(n) - len(batches))]
+    with torch.compiler.set_stance("force_eager"):  # blocks compiled for training run eagerly here
+        return generate_batches(model, prompts, batches, max_new_tokens, temperature, top_p, top_k, eos_token_ids,
+                                seed, cuda_graph, fsdp, sync)
+
+
+def generate_batches(model, prompts, batches, max_new_tokens, temperature, top_p, top_k, eos_token_ids, seed,
+                     cuda_graph, fsdp, sync):
+    """generate() over its batches of prompt indices, with the FSDP2 parameters gathered throughout."""
     was_training = model.training
     model.eval()
     # FSDP2: gather the full parameters once (a collective every rank reaches) and keep them gathered

@@ -242,10 +242,10 @@ class ValueModel(nn.Module):
                 self.head.weight.copy_(score)
 
     @classmethod
-    def from_pretrained(cls, path, device, grad_checkpoint=False):
+    def from_pretrained(cls, path, device, grad_checkpoint=False, compile=False):
         """From a causal LM or an HF *ForSequenceClassification reward model with one label. Under
         torchrun rank 0 reads the score layer and broadcasts it (load_model shards the body)."""
-        body = load_model(path, device, grad_checkpoint=grad_checkpoint, body_only=True)
+        body = load_model(path, device, grad_checkpoint=grad_checkpoint, body_only=True, compile=compile)
         score = read_tensor(path, "score.weight") if not is_dist() or dist.get_rank() == 0 else None
         if score is not None and score.shape != (1, body.cfg.dim):
             raise ValueError(f"{path}: score.weight has shape {tuple(score.shape)}; a value head needs one "
@@ -406,16 +406,16 @@ if __name__ == "__main__":
     resumed = find_checkpoint(args.out) if args.resume else None
     if args.resume and resumed is None:
         print0(f"--resume: no checkpoint in {args.out}, starting fresh")
-    policy = load_model(resumed or args.ckpt, device, grad_checkpoint=args.grad_checkpoint)
+    policy = load_model(resumed or args.ckpt, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile)
     policy.train()
     # the reference is the frozen starting policy, resident and sharded like the policy (1/world of the
     # parameters per rank under FSDP; precomputing its log-probs is impossible: the samples are new
     # every step). Not needed at all when the KL term is off.
     need_ref = args.beta > 0 or args.kl_target is not None
-    ref = load_model(args.ckpt, device, requires_grad=False).eval() if need_ref else None
+    ref = load_model(args.ckpt, device, requires_grad=False, compile=args.compile).eval() if need_ref else None
     vm = None
     if args.advantage == "gae":
-        vm = ValueModel.from_pretrained(args.value_ckpt or args.ckpt, device, args.grad_checkpoint)
+        vm = ValueModel.from_pretrained(args.value_ckpt or args.ckpt, device, args.grad_checkpoint, args.compile)
         if is_dist():  # the head joins the FSDP2 mesh too (the body's blocks were sharded by load_model)
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \

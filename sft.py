@@ -92,7 +92,7 @@ resumed = find_checkpoint(args.out) if args.resume else None
 if args.resume and resumed is None:
     print0(f"--resume: no checkpoint in {args.out}, starting fresh")
 tok = Tokenizer.from_pretrained(ckpt)
-model = load_model(resumed or ckpt, device, grad_checkpoint=args.grad_checkpoint)
+model = load_model(resumed or ckpt, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile)
 model.train()
 
 # -----------------------------------------------------------------------------
