@@ -8,7 +8,8 @@ Preference tuning, the second stage of Tülu 3 (paper §5): DPO and its variants
 
 What it does:
 1. One flag picks the loss (--loss-type, see preference_loss): dpo (+ --label-smoothing: conservative
-   DPO), dpo_norm (Tülu 3: DPO on per-token average log-probs, beta 5), simpo (reference-free), ipo, wpo.
+   DPO), dpo_norm (Tülu 3: DPO on per-token average log-probs, beta 5), simpo (reference-free), ipo (on
+   per-token averages, as TRL), wpo. Each has its own default beta (DEFAULT_BETA).
 2. A response's log-prob is the sum over its tokens (the last assistant turn only) of log p(token),
    from the final hidden states through the fused log-prob op (kernels/), never a full fp32 [B, T, V]
    log-softmax. Chosen and rejected run through the model in one concatenated forward.
@@ -41,6 +42,10 @@ from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch,
 from tokenizer import Tokenizer, tokenize_conversation
 
 LOSS_TYPES = ("dpo", "dpo_norm", "simpo", "ipo", "wpo")
+# beta when --beta is not given: 0.1 for the summed-log-prob losses (TRL's and open-instruct's default), 5 for
+# dpo_norm (Tülu 3), 2 for simpo (the SimPO paper's range is 2-2.5 for its base models). One beta for all would
+# be wrong by 50x somewhere: a per-token average moves ~length times less than a sum.
+DEFAULT_BETA = {"dpo": 0.1, "dpo_norm": 5.0, "simpo": 2.0, "ipo": 0.1, "wpo": 0.1}
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -48,7 +53,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     """Per-pair preference losses. All inputs are (P,) for P pairs: log-probs *summed* over each
     response's tokens, lengths = the responses' token counts (the ref log-probs may be None for simpo).
     Returns (losses, chosen_rewards, rejected_rewards), each (P,); the rewards are detached and are the
-    implicit rewards of the loss: beta * (log pi - log pi_ref) (per-token averages for dpo_norm),
+    implicit rewards of the loss: beta * (log pi - log pi_ref) (per-token averages for dpo_norm and ipo),
     beta * average log pi for simpo. A pair is "correct" when chosen_rewards > rejected_rewards."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"preference_loss: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -59,20 +64,21 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     # (open-instruct #1685 fixed the same NaN)
     nc = chosen_lengths.clamp(min=1).to(pc.dtype)
     nr = rejected_lengths.clamp(min=1).to(pr.dtype)
-    if loss_type in ("dpo_norm", "simpo"):
+    if loss_type in ("dpo_norm", "simpo", "ipo"):
         pc, pr = pc / nc, pr / nr
     if loss_type == "simpo":
         rc = rr = torch.zeros_like(pc)  # reference-free
     else:
         rc, rr = ref_chosen_logps.to(pc.dtype), ref_rejected_logps.to(pr.dtype)
-        if loss_type == "dpo_norm":
+        if loss_type in ("dpo_norm", "ipo"):
             rc, rr = rc / nc, rr / nr
     # h = log pi(y_c)/pi_ref(y_c) - log pi(y_r)/pi_ref(y_r): how much more the policy moved toward chosen
     h = (pc - rc) - (pr - rr)  # (P,)
     if loss_type == "ipo":
         # IPO, Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
-        # Preferences" (arXiv 2310.12036), eq. 17: (h - 1/(2 tau))^2 with tau = beta, on summed
-        # log-probs as in the paper (TRL averages them per token instead)
+        # Preferences" (arXiv 2310.12036), eq. 17: (h - 1/(2 tau))^2 with tau = beta, on per-token
+        # average log-probs as TRL computes it (its PR #1265, confirmed by the authors): with sums, the
+        # fixed target 1/(2 tau) would mean a different regularisation for every response length
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         # DPO, Rafailov et al. 2023, "Direct Preference Optimization" (arXiv 2305.18290), eq. 7:
@@ -89,7 +95,9 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         if loss_type == "wpo":
             # WPO, Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization"
             # (arXiv 2406.11827): each pair weighted by the policy's length-normalised probability of
-            # both responses, exp(avg log pi(y_c) + avg log pi(y_r)), a weight that gets no gradient
+            # both responses, exp(avg log pi(y_c) + avg log pi(y_r)), a weight that gets no gradient.
+            # NOTE open-instruct's weight; the paper's "aligned" weights (TRL's use_weighting) also subtract
+            # each token's log sum_v p_v^2, which the fused log-prob op does not compute
             w = torch.exp(policy_chosen_logps / nc + policy_rejected_logps / nr).clamp(max=1).detach()
             losses = losses * w
     return losses, (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()
@@ -98,10 +106,11 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
 def pick_pair(samples):
     """samples: [(score, text, finished)] for one prompt -> (chosen, rejected) texts or None.
     Chosen: the first verified-correct sample (score 1) that ended with EOS (a cut-off answer is not
-    shown as the example to follow); rejected: the first sample that is not fully correct."""
+    shown as the example to follow); rejected: the first sample that is not fully correct, preferring one
+    that ended with EOS too, so that "rejected" does not simply mean "cut off at --max-new-tokens"."""
     good = [t for s, t, done in samples if s >= 1.0 and done]
-    bad = [t for s, t, done in samples if s < 1.0]
-    return (good[0], bad[0]) if good and bad else None
+    bad = sorted((not done, i, t) for i, (s, t, done) in enumerate(samples) if s < 1.0)  # finished ones first
+    return (good[0], bad[0][2]) if good and bad else None
 
 
 def encode_response(tok, msgs, max_len):
@@ -135,7 +144,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     p.add_argument("--seed", type=int, default=0)
     # the loss
     p.add_argument("--loss-type", choices=LOSS_TYPES, default=None)
-    p.add_argument("--beta", type=float, default=None)
+    p.add_argument("--beta", type=float, default=None, help="default per loss: 0.1 dpo/ipo/wpo, 5 dpo_norm, 2 simpo")
     p.add_argument("--gamma-beta-ratio", type=float, default=0.3, help="simpo's target margin gamma / beta")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO's label noise eps")
     # data
@@ -162,16 +171,17 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     # presets fill whatever was not given on the command line
     PRESETS = {
         # the tiny default: on-policy pairs from the tiny SFT model, about 2 minutes on 2 CPU cores
-        "tiny": dict(loss_type="dpo_norm", beta=5.0, epochs=2, batch_size=32, micro_batch_size=32, lr=1e-4,
+        "tiny": dict(loss_type="dpo_norm", epochs=2, batch_size=32, micro_batch_size=32, lr=1e-4,
                      schedule="linear", warmup_ratio=0.1, max_len=256, save_dtype="fp32"),
         # Tülu 3 8B DPO (open-instruct docs/tulu3.md): dpo_norm, beta 5, lr 5e-7 linear, warmup 0.1, wd 0,
         # 1 epoch, max length 2048, effective batch 128
-        "tulu3-8b": dict(loss_type="dpo_norm", beta=5.0, epochs=1, batch_size=128, micro_batch_size=1, lr=5e-7,
+        "tulu3-8b": dict(loss_type="dpo_norm", epochs=1, batch_size=128, micro_batch_size=1, lr=5e-7,
                          schedule="linear", warmup_ratio=0.1, max_len=2048, save_dtype="bf16"),
     }
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.beta = DEFAULT_BETA[args.loss_type] if args.beta is None else args.beta  # (dpo_norm's is Tülu 3's 5)
     if args.data is not None and args.ckpt is None:
         raise SystemExit("error: --data needs --ckpt (the SFT checkpoint to start from)")
     builtin = args.data is None

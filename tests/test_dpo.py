@@ -47,10 +47,11 @@ def paper_loss(kind, pc, pr, rc, rr, nc, nr, beta, gbr, eps):
     pc/pr are the policy's summed log-probs of chosen/rejected and rc/rr the reference's."""
     nc, nr = max(nc, 1), max(nr, 1)  # an empty response averages to 0
     if kind == "ipo":
-        # Azar et al. 2023 eq. 17: (h - 1/(2 tau))^2, h = log [pi(yw) pi_ref(yl) / (pi(yl) pi_ref(yw))]
-        h = (pc - rc) - (pr - rr)
+        # Azar et al. 2023 eq. 17: (h - 1/(2 tau))^2, h = log [pi(yw) pi_ref(yl) / (pi(yl) pi_ref(yw))], on
+        # per-token average log-probs (TRL's IPO)
+        h = (pc - rc) / nc - (pr - rr) / nr
         g = 2 * (h - 1 / (2 * beta))
-        return (h - 1 / (2 * beta)) ** 2, g, -g, beta * (pc - rc), beta * (pr - rr)
+        return (h - 1 / (2 * beta)) ** 2, g / nc, -g / nr, beta * (pc - rc) / nc, beta * (pr - rr) / nr
     if kind == "simpo":
         # Meng et al. 2024 (SimPO objective): -log sigmoid(beta/|yw| log pi(yw) - beta/|yl| log pi(yl) - gamma)
         z = beta * pc / nc - beta * pr / nr - gbr * beta
@@ -163,6 +164,8 @@ def test_pick_pair():
     assert pick_pair([(0.0, "a", True), (0.5, "b", True)]) is None            # no fully correct answer
     assert pick_pair([(1.0, "cut", False), (0.0, "w", True)]) is None         # a cut-off answer is never chosen
     assert pick_pair([(1.0, "ok", True), (1.0, "cut", False), (0.0, "w", False)]) == ("ok", "w")
+    # a wrong answer that finished is preferred to one cut off by the token limit, which may be right so far
+    assert pick_pair([(0.0, "cut", False), (1.0, "ok", True), (0.0, "w1", True), (0.0, "w2", True)]) == ("ok", "w1")
 
 
 # -----------------------------------------------------------------------------
@@ -315,7 +318,14 @@ def test_simpo_rewards_and_accuracy(tiny):
     float64 log-probs of the start model: reward = beta * average log-prob, accuracy = share of pairs
     with reward_chosen > reward_rejected, loss = mean -log sigmoid(beta (avg_c - avg_r) - gamma)."""
     out = tiny[2] / "simpo"
-    log = run_dpo(tiny, out, "--loss-type", "simpo", "--beta", "2.0", "--gamma-beta-ratio", "0.5", "--max-steps", "1")
+    # ARGS' --beta 0.5 is dropped: simpo's own default beta (2, not dpo's 0.1) must be the one used
+    args = [a for i, a in enumerate(ARGS) if a != "--beta" and (i == 0 or ARGS[i - 1] != "--beta")]
+    cmd = ["dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--out", str(out), *args, "--loss-type", "simpo",
+           "--gamma-beta-ratio", "0.5", "--max-steps", "1"]
+    r = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = r.stdout
+    assert "loss: simpo, beta 2.0" in log
     assert "reference log-probs" not in log
     assert not [f for f in os.listdir(out.parent) if f.startswith("simpo.ref-")]
     pairs = encoded_pairs(tiny)
