@@ -211,10 +211,15 @@ def save_checkpoint(out, model, tokenizer, optimizer=None, state=None, dtype=Non
             tokenizer.save_pretrained(tmp)
             if optimizer is not None:
                 rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-                torch.save({"optimizer": osd, "rng": rng, **(state or {})}, os.path.join(tmp, "train_state.pt"))
+                extra = {}
+                if any(dtype not in (None, v.dtype) for v in sd.values()):
+                    # the safetensors are rounded (bf16 presets): keep the fp32 master weights for --resume
+                    extra["model"] = sd
+                torch.save({"optimizer": osd, "rng": rng, **extra, **(state or {})},
+                           os.path.join(tmp, "train_state.pt"))
             if os.path.isdir(out):  # keep the run's logs, which live beside the checkpoint
-                for f in os.listdir(out):
-                    if f.endswith((".jsonl", ".json")) and f not in os.listdir(tmp):
+                for f in os.listdir(out):  # (not a shard index: this save may not be sharded, or differently)
+                    if f.endswith((".jsonl", ".json")) and not f.endswith(".index.json") and f not in os.listdir(tmp):
                         shutil.copy2(os.path.join(out, f), tmp)
             replace_dir(tmp, out)
         except BaseException:
@@ -233,13 +238,19 @@ def find_checkpoint(out):
 
 
 def load_train_state(ckpt, model, optimizer):
-    """Restores optimizer and RNG from ckpt/train_state.pt; returns the rest of the saved state."""
+    """Restores optimizer and RNG from ckpt/train_state.pt, and the fp32 master weights when the
+    checkpoint's safetensors were saved rounded (bf16); returns the rest of the saved state."""
     st = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)
     if is_dist():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, st["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        if "model" in st:
+            set_model_state_dict(model, st["model"], options=opts)
+        set_optimizer_state_dict(model, optimizer, st["optimizer"], options=opts)
     else:
+        if "model" in st:
+            model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
     random.setstate(st["rng"]["python"])
     np.random.set_state(st["rng"]["numpy"])

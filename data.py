@@ -15,6 +15,7 @@ import gzip
 import json
 import os
 import random
+import zlib
 
 import torch
 
@@ -33,29 +34,37 @@ class DataError(ValueError):
 
 def read_jsonl(path, bad=None):
     """Yields (where, row) with where = "file:line"; an empty file or a malformed line is an error
-    (or, when a list `bad` is given, a malformed line is appended to it and skipped)."""
+    (or, when a list `bad` is given, a malformed line is appended to it and skipped). Lines are decoded
+    here, so a stray non-UTF-8 byte is a malformed line too; a truncated .gz is an error."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     opener = gzip.open if path.endswith(".gz") else open
-    n = 0
-    with opener(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-            except (json.JSONDecodeError, DataError) as e:
-                err = e if isinstance(e, DataError) else DataError(f"{path}:{i}: malformed JSON ({e.msg})")
-                if bad is None:
-                    raise err from None
-                bad.append(err)
-                continue
-            n += 1
-            yield f"{path}:{i}", row
+    n = skipped = i = 0
+    try:
+        with opener(path, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if i == 1 else "utf-8")  # a BOM may open the file
+                    if not line.strip():
+                        continue
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+                except (UnicodeDecodeError, json.JSONDecodeError, DataError) as e:
+                    err = e if isinstance(e, DataError) else \
+                        DataError(f"{path}:{i}: not UTF-8 ({e.reason} at byte {e.start})") \
+                        if isinstance(e, UnicodeDecodeError) else DataError(f"{path}:{i}: malformed JSON ({e.msg})")
+                    if bad is None:
+                        raise err from None
+                    bad.append(err)
+                    skipped += 1
+                    continue
+                n += 1
+                yield f"{path}:{i}", row
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: corrupt or truncated gzip file ({e}; {i} lines read)") from None
     if n == 0:
-        raise DataError(f"{path}: empty file")
+        raise DataError(f"{path}: no valid row ({skipped} malformed lines skipped)" if skipped else f"{path}: empty file")
 
 
 def check_messages(msgs, where, need_assistant=True):

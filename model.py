@@ -89,7 +89,9 @@ class LlamaConfig:
                  num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads,
                  head_dim=self.head_dim, intermediate_size=self.ffn_dim, rms_norm_eps=self.norm_eps,
                  tie_word_embeddings=self.tie_embeddings, max_position_embeddings=self.max_seq_len,
-                 torch_dtype=str(dtype).removeprefix("torch."))
+                 dtype=str(dtype).removeprefix("torch."), torch_dtype=str(dtype).removeprefix("torch."))
+        # both spellings: transformers 5 reads `dtype` (and would believe a stale one from the source file),
+        # transformers 4 and older tools `torch_dtype`
         if "rope_parameters" in d:  # keep the spelling of the source file
             d["rope_parameters"] = {**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta}
         else:

@@ -180,6 +180,23 @@ def test_packed_documents_equal_separate_forwards(tmp_path):
 # ---- corrupt or unsupported checkpoints: one clear error naming the problem
 
 
+@torch.no_grad()
+def test_saved_dtype_is_what_transformers_reads(tmp_path):
+    # a transformers-5 bf16 checkpoint carries "dtype": "bfloat16"; saved by us in fp32 it must read as fp32
+    # (and the other way round), whichever of dtype / torch_dtype the reader looks at
+    src = str(tmp_path / "src")
+    make_hf("llama3", src).to(torch.bfloat16).save_pretrained(src)
+    ours = Llama.from_pretrained(src)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = str(tmp_path / str(dtype))
+        ours.save_pretrained(out, dtype=dtype)
+        cfg = json.load(open(os.path.join(out, "config.json")))
+        name = str(dtype).removeprefix("torch.")
+        assert cfg["dtype"] == cfg["torch_dtype"] == name
+        back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+        assert next(back.parameters()).dtype == dtype
+
+
 @pytest.fixture
 def ckpt(tmp_path):
     path = str(tmp_path / "m")

@@ -155,6 +155,27 @@ def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
     assert losses(str(out)) == pytest.approx(losses(str(tmp_path / "full")), abs=1e-6)
 
 
+def test_bf16_checkpoint_resumes_fp32_weights_and_drops_stale_index(tiny, tmp_path):
+    # the real presets save bf16 safetensors: --resume must still continue from the fp32 master weights
+    # (kept in train_state.pt), and a shard index left by an earlier, sharded save must not survive
+    tok = Tokenizer.from_pretrained(tiny[0])
+    model = Llama.from_pretrained(tiny[0])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)  # weights that bf16 rounds
+    opt = torch.optim.AdamW(model.parameters())
+    out = str(tmp_path / "ck")
+    model.save_pretrained(out, max_shard_bytes=20_000)  # an earlier sharded save in the same directory
+    assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    common.save_checkpoint(out, model, tok, opt, {"step": 3}, dtype=torch.bfloat16)
+    assert not os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    again = common.load_model(out, torch.device("cpu"))  # bf16-rounded, as a resumed run first loads it
+    assert max_diff(again.state_dict(), model.state_dict()) > 1e-6
+    opt2 = torch.optim.AdamW(again.parameters())
+    assert common.load_train_state(out, again, opt2)["step"] == 3
+    assert max_diff(again.state_dict(), model.state_dict()) == 0
+
+
 def test_failed_save_keeps_last_checkpoint(tiny, tmp_path, monkeypatch):
     tok = Tokenizer.from_pretrained(tiny[0])
     model = Llama.from_pretrained(tiny[0])
@@ -190,6 +211,25 @@ def test_bad_rows(tmp_path, line, msg):
         data.load_mixture([str(path)], data.sft_row)
     rows, skipped = data.load_mixture([str(path)], data.sft_row, skip_bad=True)
     assert (len(rows), skipped) == (1, 1)
+
+
+def test_undecodable_files(tmp_path):
+    # a non-UTF-8 byte is a malformed line (named, skippable); a UTF-8 BOM is fine; a truncated .gz is an error
+    good = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(("\ufeff" + good).encode() + b'{"messages": "\xff"}\n')
+    with pytest.raises(data.DataError, match=f"{path}:2: not UTF-8"):
+        data.load_mixture([str(path)], data.sft_row)
+    assert data.load_mixture([str(path)], data.sft_row, skip_bad=True)[1] == 1
+    gz = tmp_path / "t.jsonl.gz"
+    blob = gzip.compress(good.encode() * 2000)
+    gz.write_bytes(blob[:len(blob) // 2])
+    with pytest.raises(data.DataError, match=f"{gz}: corrupt or truncated gzip"):
+        data.load_mixture([str(gz)], data.sft_row)
+    only_bad = tmp_path / "b.jsonl"
+    only_bad.write_text("nope\n")
+    with pytest.raises(data.DataError, match="no valid row .1 malformed"):
+        data.load_mixture([str(only_bad)], data.sft_row, skip_bad=True)
 
 
 def test_empty_file_and_cli_error(tiny, tmp_path):
