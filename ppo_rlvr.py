@@ -120,8 +120,11 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     """Generalized advantage estimation (Schulman et al. 2016) on (B, T) tensors:
         delta_t = r_t + gamma * V_{t+1} - V_t,        A_t = delta_t + gamma * lam * A_{t+1}
     values[:, t] = V(prompt + response[:t]), the state before token t. The step after a row's last
-    masked token is terminal (V = 0, A = 0): an episode ends at EOS or at the length limit, as in
-    open-instruct (a truncated response is penalised by its score, not bootstrapped).
+    masked token is terminal (V = 0, A = 0): an episode ends at EOS or at the length limit (a truncated
+    response is penalised by its score, not bootstrapped). This is textbook GAE with the score on the last
+    response token, as open-instruct's newer trainers do; its Tülu 3-era ppo_vllm_thread_ray_gtrl.py (and
+    TRL's PPOTrainer) put the score one position past the EOS and keep a value there, which shifts the
+    advantage at the EOS slightly: runs do not reproduce that script's numbers token for token.
     -> (advantages, returns = advantages + values), both 0 off the mask."""
     m = mask.to(rewards.dtype)
     r, v = rewards * m, values * m
@@ -168,7 +171,8 @@ def adaptive_kl(beta, kl, n, target, horizon=10000):
 
 def group_advantages(scores, n, kind="grpo", eps=1e-4):
     """Per-sequence advantages from the scores (N,) of N/n groups of n consecutive samples per prompt.
-      grpo  (s_i - mean) / (std + eps), population std of the group
+      grpo  (s_i - mean) / (std + eps), population std of the group (open-instruct's grpo_fast; TRL uses
+            the unbiased std, so its advantages are sqrt((n-1)/n) of these)
       rloo  s_i - mean_{j != i} s_j  (= n / (n - 1) * (s_i - mean))
     A group whose scores are all equal gets exactly 0 (not rounding noise divided by eps)."""
     g = scores.view(-1, n).double()
@@ -252,7 +256,7 @@ class ValueModel(nn.Module):
                              f"label, shape (1, {body.cfg.dim})")
         vm = cls(body, score)
         if is_dist():
-            flag = torch.tensor([score is not None], device=device)
+            flag = torch.tensor([int(score is not None)], device=device)
             dist.broadcast(flag, 0)
             if flag.item():
                 dist.broadcast(vm.head.weight.data, 0)
@@ -366,6 +370,14 @@ if __name__ == "__main__":
     from verifiers import verify  # noqa: E402
 
     n, P = args.samples_per_prompt, args.prompts_per_step
+    if not args.temperature > 0:
+        raise SystemExit(f"error: --temperature must be > 0 (PPO needs the log-probs of a sampling distribution), "
+                         f"got {args.temperature}")
+    if args.kl_target is not None and not args.beta > 0:
+        raise SystemExit("error: --kl-target adapts beta multiplicatively: it needs a starting --beta > 0")
+    if args.advantage == "grpo" and args.kl_estimator == "k1" and args.beta > 0:
+        raise SystemExit("error: --advantage grpo puts the KL in the loss, where k1 = logp - ref_logp has zero "
+                         "expected gradient; use --kl-estimator k3 (GRPO's) or k2")
     if group and n < 2:
         raise SystemExit(f"error: --advantage {args.advantage} compares samples of a prompt: "
                          f"--samples-per-prompt must be >= 2, got {n}")

@@ -309,6 +309,18 @@ def test_group_modes_raise_the_reward(tiny, tmp_path, mode):
     assert "value_loss" not in metrics(str(tmp_path / mode))[-1]
 
 
+@pytest.mark.parametrize("extra, msg", [
+    (("--temperature", 0), "--temperature must be > 0"),
+    (("--kl-target", 1.0, "--beta", 0), "--kl-target adapts beta multiplicatively"),
+    (("--advantage", "grpo", "--kl-estimator", "k1"), "k1 = logp - ref_logp has zero expected gradient"),
+])
+def test_settings_that_cannot_work_are_refused(tiny, tmp_path, extra, msg):
+    base, path = tiny
+    cmd = [sys.executable, "ppo_rlvr.py", "--ckpt", base, "--data", path, "--out", str(tmp_path / "o"), *map(str, extra)]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and msg in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+
+
 def test_two_processes_equal_one(tiny, reward_model, tmp_path):
     """Same rollouts (--per-prompt-seed), same whitening (over both ranks), same token-normalised loss:
     2 FSDP2 ranks on gloo give the single process's metrics, policy and value model. The value model
