@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every GPU check in one prepared run: correctness first, then the side-by-side timings.
+#
+#   bash bench/gpu.sh OUTDIR [PART ...]      PARTs: tests kernels train generate dpo (default: all, ~10 min on an H200)
+#
+# Each part has its own time limit and writes OUTDIR/<part>.txt; a part that fails or runs out of time does
+# not stop the others. The tables of bench/kernels.py also go to OUTDIR/kernels.md (+ .json). Liger-Kernel and
+# Cut Cross-Entropy join the kernel table when importable: wheels placed in .whl/ are installed first.
+set -u
+out=${1:?usage: bash bench/gpu.sh OUTDIR [PART ...]}
+shift
+parts=${*:-tests kernels train generate dpo}
+mkdir -p "$out" && out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+ls .whl/*.whl >/dev/null 2>&1 && pip install -q --no-deps .whl/*.whl
+python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|',
+           torch.cuda.get_device_name())" | tee "$out/versions.txt"
+
+run() {  # run PART LIMIT_S COMMAND...: the command's output to OUTDIR/PART.txt, a one-line verdict here
+    local part=$1 limit=$2 t0=$SECONDS
+    shift 2
+    timeout "$limit" "$@" >"$out/$part.txt" 2>&1
+    local rc=$?
+    echo "== $part: rc=$rc in $((SECONDS - t0)) s | $(grep -E 'passed|failed|error' "$out/$part.txt" | tail -n 1)"
+}
+for part in $parts; do
+    case $part in
+        tests) run tests 300 python -m pytest -q -rs tests/test_kernels_gpu.py tests/test_scripts_gpu.py \
+                   tests/test_generate.py::test_cuda_graph_equals_eager tests/test_eval.py::test_cli_cuda ;;
+        kernels) run kernels 240 python bench/kernels.py --budget-s 200 --out "$out/kernels.md" ;;
+        train) run train 240 python bench/train.py --gpu ;;
+        generate) run generate 180 python bench/generate.py ;;
+        dpo) run dpo 120 python bench/dpo.py ;;
+        *) echo "unknown part $part (tests kernels train generate dpo)"; exit 2 ;;
+    esac
+done
