@@ -49,9 +49,11 @@ DEFAULT_BETA = {"dpo": 0.1, "dpo_norm": 5.0, "simpo": 2.0, "ipo": 0.1, "wpo": 0.
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                    chosen_lengths, rejected_lengths, loss_type, beta, gamma_beta_ratio=0.3, label_smoothing=0.0):
+                    chosen_lengths, rejected_lengths, loss_type, beta, gamma_beta_ratio=0.3, label_smoothing=0.0,
+                    chosen_lsq=None, rejected_lsq=None):
     """Per-pair preference losses. All inputs are (P,) for P pairs: log-probs *summed* over each
-    response's tokens, lengths = the responses' token counts (the ref log-probs may be None for simpo).
+    response's tokens, lengths = the responses' token counts (the ref log-probs may be None for simpo);
+    for wpo also chosen_lsq / rejected_lsq, each token's log sum_v pi(v)^2 summed over the response.
     Returns (losses, chosen_rewards, rejected_rewards), each (P,); the rewards are detached and are the
     implicit rewards of the loss: beta * (log pi - log pi_ref) (per-token averages for dpo_norm and ipo),
     beta * average log pi for simpo. A pair is "correct" when chosen_rewards > rejected_rewards."""
@@ -95,10 +97,14 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         if loss_type == "wpo":
             # WPO, Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization"
             # (arXiv 2406.11827): each pair weighted by the policy's length-normalised probability of
-            # both responses, exp(avg log pi(y_c) + avg log pi(y_r)), a weight that gets no gradient.
-            # NOTE open-instruct's weight; the paper's "aligned" weights (TRL's use_weighting) also subtract
-            # each token's log sum_v p_v^2, which the fused log-prob op does not compute
-            w = torch.exp(policy_chosen_logps / nc + policy_rejected_logps / nr).clamp(max=1).detach()
+            # both responses, with the paper's weight alignment (eq. 2): each token's probability is
+            # divided by sum_v pi(v)^2, the probability the policy gives its own samples on average, so an
+            # on-policy pair weighs ~1. w = min(1, exp(avg (log pi - lsq)_c + avg (log pi - lsq)_r)), no
+            # gradient. (open-instruct leaves out the alignment; TRL's use_weighting has it.)
+            if chosen_lsq is None or rejected_lsq is None:
+                raise ValueError("preference_loss: wpo needs chosen_lsq and rejected_lsq (its weight alignment)")
+            w = torch.exp((policy_chosen_logps - chosen_lsq) / nc + (policy_rejected_logps - rejected_lsq) / nr)
+            w = w.clamp(max=1).detach()
             losses = losses * w
     return losses, (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()
 
@@ -299,13 +305,15 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     print0(f"loss: {args.loss_type}, beta {args.beta}" + (f", gamma/beta {args.gamma_beta_ratio}" if args.loss_type ==
            "simpo" else "") + (f", label smoothing {args.label_smoothing}" if args.label_smoothing else ""))
 
-    def sequence_logps(idx):
-        """Summed log-probs of the chosen and rejected responses of pairs[idx]: (n,), (n,) fp32.
-        One forward over the 2n sequences, chosen first, right-padded to a common length."""
+    def sequence_logps(idx, lsq=False):
+        """Summed log-probs of the chosen and rejected responses of pairs[idx]: (n,), (n,) fp32, and with
+        lsq=True the summed log sum_v p_v^2 of both (WPO). One forward over the 2n sequences, chosen first,
+        right-padded to a common length."""
         n = len(idx)
         batch = pad_batch([pairs[i][0] for i in idx] + [pairs[i][1] for i in idx], tok.pad_id, device)
-        logp = token_logprobs(model, batch["input_ids"], batch["targets"]).sum(-1)  # (2n,), 0 off-target
-        return logp[:n], logp[n:]
+        out = token_logprobs(model, batch["input_ids"], batch["targets"], return_lsq=lsq)  # (2n, T), 0 off-target
+        logp, q = (out[0].sum(-1), out[1].sum(-1)) if lsq else (out.sum(-1), None)
+        return (logp[:n], logp[n:]) + ((q[:n], q[n:]) if lsq else ())
 
     # -----------------------------------------------------------------------------
     # reference log-probs: once, with the starting model, cached beside the output
@@ -391,10 +399,10 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
         stats = torch.zeros(7, dtype=torch.float64)
         for j in range(0, len(mine), mB):
             idx = mine[j:j + mB]
-            pc, pr = sequence_logps(idx)
+            pc, pr, *lsq = sequence_logps(idx, lsq=args.loss_type == "wpo")
             rf, n = ref[idx].to(device), lengths[idx].to(device)
             losses, rc, rr = preference_loss(pc, pr, rf[:, 0], rf[:, 1], n[:, 0], n[:, 1], args.loss_type,
-                                             args.beta, args.gamma_beta_ratio, args.label_smoothing)
+                                             args.beta, args.gamma_beta_ratio, args.label_smoothing, *lsq)
             # every step has exactly B pairs: dividing each micro-batch's sum by B makes the accumulated
             # gradient that of the step's mean pair loss; FSDP averages over ranks, * world undoes that
             (losses.sum() / B * world).backward()

@@ -258,7 +258,8 @@ class Llama(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, input_ids, position_ids=None, doc_ids=None, mask=None, kv_cache=None,
-                cache_pos=None, return_hidden=False, targets=None, temperature=1.0, reduction="none"):
+                cache_pos=None, return_hidden=False, targets=None, temperature=1.0, reduction="none",
+                return_lsq=False):
         """
         input_ids (B, T). Attention is causal; optionally also
           doc_ids (B, T): packed sequences, a token attends only to earlier tokens of the same doc id
@@ -270,6 +271,7 @@ class Llama(nn.Module):
           the summed NLL over the targets for reduction="sum", through the fused output-projection +
           log-softmax of kernels/ (never a full fp32 (B, T, V)). The loss is computed here, inside
           forward, so that under FSDP2 the output projection is used while it is unsharded.
+          return_lsq (reduction="none"): also log sum_v p_v^2 per position (B, T), without gradient.
         """
         B, T = input_ids.shape
         if position_ids is None:
@@ -293,7 +295,8 @@ class Llama(nn.Module):
             h, y = x.reshape(B * T, -1), targets.reshape(B * T)
             if reduction == "sum":  # SFT's fast path: gradient computed during the forward
                 return fused_linear_cross_entropy(h, self.lm_head_weight, y, reduction="sum")
-            return fused_linear_logprobs(h, self.lm_head_weight, y, temperature=temperature).view(B, T)
+            out = fused_linear_logprobs(h, self.lm_head_weight, y, temperature=temperature, return_lsq=return_lsq)
+            return tuple(o.view(B, T) for o in out) if return_lsq else out.view(B, T)
         return x if return_hidden else F.linear(x, self.lm_head_weight)
 
     # -------------------------------------------------------------------------

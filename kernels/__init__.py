@@ -2,7 +2,8 @@
 kernels: the fused LM-head losses, in Triton (+ cuBLAS) with a PyTorch reference beside each kernel.
 
     fused_linear_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=-100) -> logp (N,) fp32
-        per-token log-probs for DPO/PPO (and SFT), differentiable with per-token upstream gradients
+        per-token log-probs for DPO/PPO (and SFT), differentiable with per-token upstream gradients;
+        return_lsq=True also gives log sum_v p_v^2 per row (no gradient), WPO's weight alignment
     fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean") -> scalar
         SFT's loss, gradient computed during the forward
 

@@ -28,7 +28,7 @@ def _ce_row_kernel(z_ptr, y_ptr, nll_ptr, scale_ptr, stride, n_cols, ignore_inde
     # one program per token row i of a (C, V) chunk of logits
     i = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + i * stride
-    m, s = row_max_sumexp(z_row, n_cols, 1.0, BLOCK)  # pass 1: log-sum-exp over the vocabulary, fp32
+    m, s, _ = row_max_sumexp(z_row, n_cols, 1.0, BLOCK, False)  # pass 1: log-sum-exp over the vocabulary, fp32
     lse = m + tl.log(s)
     y = tl.load(y_ptr + i)
     valid = y != ignore_index
@@ -112,7 +112,7 @@ def fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduc
     y = lp.check("fused_linear_cross_entropy", hidden, weight, targets, ignore_index)
     x, w = hidden.contiguous(), weight.contiguous()
     if not lp.use_triton(x) or x.shape[0] == 0:
-        loss = -lp._LogProbsRef.apply(x, w, y, 1.0, ignore_index).sum()
+        loss = -lp._LogProbsRef.apply(x, w, y, 1.0, ignore_index, False)[0].sum()
         return loss / (y != ignore_index).sum().clamp(min=1) if reduction == "mean" else loss
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return _CrossEntropy.apply(x, w, y, ignore_index, reduction)

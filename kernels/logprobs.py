@@ -2,6 +2,7 @@
 Fused linear -> log-softmax -> gather: per-token log-probs without ever holding the [N, V] logits.
 
     logp[i] = log_softmax(hidden[i] @ weight.T / T)[targets[i]]      fp32, 0 where targets[i] == ignore_index
+    lsq[i]  = log sum_v softmax(hidden[i] @ weight.T / T)_v^2          optional, no gradient (WPO's weights)
 
 SFT's cross-entropy, DPO's sequence log-probs and PPO's token log-probs all end in this op. Eager PyTorch
 materialises the logits in fp32 (4.2 GB at N=8192, V=128256) plus the softmax and its gradient; here at most
@@ -95,32 +96,43 @@ def check(fn, hidden, weight, targets, ignore_index, temperature=1.0):
 # ----------------------------------------------------------------------------- Triton kernels
 
 @triton.jit
-def row_max_sumexp(z_row, n_cols, inv_t, BLOCK: tl.constexpr):
-    # max and sum of exp(z/T - max) over n_cols logits at z_row, in fp32. Each lane keeps its own running pair
-    # (online softmax) and the lanes are merged once at the end: no cross-thread reduction inside the loop.
-    # Lanes start at -1e38, not -inf, so that exp(m_old - m_new) never sees -inf - -inf = nan.
+def row_max_sumexp(z_row, n_cols, inv_t, BLOCK: tl.constexpr, SQ: tl.constexpr):
+    # max m, sum of exp(z/T - m) and, when SQ, sum of exp(2 (z/T - m)) over n_cols logits at z_row, in fp32.
+    # Each lane keeps its own running values (online softmax) and the lanes are merged once at the end: no
+    # cross-thread reduction inside the loop. Lanes start at -1e38, not -inf, so that exp(m_old - m_new)
+    # never sees -inf - -inf = nan.
     mv = tl.full([BLOCK], -1e38, tl.float32)
     sv = tl.zeros([BLOCK], tl.float32)
+    qv = tl.zeros([BLOCK], tl.float32)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
         z = tl.load(z_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * inv_t
         m_new = tl.maximum(mv, z)
-        sv = sv * tl.exp(mv - m_new) + tl.exp(z - m_new)
+        a, e = tl.exp(mv - m_new), tl.exp(z - m_new)
+        sv = sv * a + e
+        if SQ:
+            qv = qv * a * a + e * e
         mv = m_new
     m = tl.max(mv, axis=0)
-    return m, tl.sum(sv * tl.exp(mv - m), axis=0)
+    a = tl.exp(mv - m)
+    return m, tl.sum(sv * a, axis=0), tl.sum(qv * a * a, axis=0)
 
 
 @triton.jit
-def _lse_slab_kernel(z_ptr, y_ptr, m_ptr, s_ptr, zy_ptr, stride, v0, n_cols, inv_t, BLOCK: tl.constexpr):
+def _lse_slab_kernel(z_ptr, y_ptr, m_ptr, s_ptr, q_ptr, zy_ptr, stride, v0, n_cols, inv_t, SQ: tl.constexpr,
+                     BLOCK: tl.constexpr):
     # one program per token row i; z_ptr is the (N, n_cols) logits of vocab ids v0 .. v0+n_cols-1
     i = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + i * stride
-    m_slab, s_slab = row_max_sumexp(z_row, n_cols, inv_t, BLOCK)
-    # merge into the row's running max and sum of exp(z/T - max) over the slabs seen so far (-inf, 0 at first)
+    m_slab, s_slab, q_slab = row_max_sumexp(z_row, n_cols, inv_t, BLOCK, SQ)
+    # merge into the row's running max and sum of exp(z/T - max) (and of its square) over the slabs seen so
+    # far (-inf, 0, 0 at first)
     m, s = tl.load(m_ptr + i), tl.load(s_ptr + i)
     m_new = tl.maximum(m, m_slab)
-    tl.store(s_ptr + i, s * tl.exp(m - m_new) + s_slab * tl.exp(m_slab - m_new))
+    a, b = tl.exp(m - m_new), tl.exp(m_slab - m_new)
+    tl.store(s_ptr + i, s * a + s_slab * b)
+    if SQ:
+        tl.store(q_ptr + i, tl.load(q_ptr + i) * a * a + q_slab * b * b)
     tl.store(m_ptr + i, m_new)
     # the target's logit, when it falls in this slab
     y = tl.load(y_ptr + i) - v0
@@ -157,20 +169,24 @@ def slabs(V, vs):
     return list(zip(starts, starts[1:] + [V]))
 
 
-def _fwd(x, w, y, T, ignore_index, keep):
+def _fwd(x, w, y, T, ignore_index, keep, sq=False):
     N, V = x.shape[0], w.shape[0]
     vs = min(V, fit(CHUNK_BYTES // (N * x.element_size())))
     buf = x.new_empty(N * vs)  # the only large allocation: N x vs logits in the input dtype
-    m = torch.full((N,), float("-inf"), device=x.device)  # (N,) fp32 running max, sum of exp, target logit
-    s, zy = torch.zeros(N, device=x.device), torch.zeros(N, device=x.device)
+    m = torch.full((N,), float("-inf"), device=x.device)  # (N,) fp32 running max, sums of exp and exp^2,
+    s, q, zy = (torch.zeros(N, device=x.device) for _ in range(3))  # target logit
     for v0, v1 in slabs(V, vs):
         z = buf[: N * (v1 - v0)].view(N, v1 - v0)
         torch.mm(x, w[v0:v1].t(), out=z)  # (N, vs) logits, cuBLAS
         BLOCK, warps = block_for(v1 - v0)
-        _lse_slab_kernel[(N,)](z, y, m, s, zy, z.stride(0), v0, v1 - v0, 1.0 / T, BLOCK=BLOCK, num_warps=warps)
+        _lse_slab_kernel[(N,)](z, y, m, s, q, zy, z.stride(0), v0, v1 - v0, 1.0 / T, SQ=sq, BLOCK=BLOCK,
+                               num_warps=warps)
     lse = m + s.log()  # (N,) log-sum-exp of z/T
-    logp = torch.where(y != ignore_index, zy - lse, 0.0)
-    return logp, lse, (buf, vs) if keep else None
+    valid = y != ignore_index
+    logp = torch.where(valid, zy - lse, 0.0)
+    # log sum_v p_v^2 = logsumexp(2 z/T) - 2 lse = (2 m + log q) - 2 (m + log s)
+    lsq = torch.where(valid, q.log() - 2 * s.log(), 0.0) if sq else torch.zeros_like(logp)
+    return logp, lsq, lse, (buf, vs) if keep else None
 
 
 def _bwd(x, w, y, lse, g, T, ignore_index, kept, vs, need_dx, need_dw):
@@ -195,43 +211,48 @@ def _bwd(x, w, y, lse, g, T, ignore_index, kept, vs, need_dx, need_dw):
 
 class _LogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, y, T, ignore_index):
-        logp, lse, (buf, vs) = _fwd(x, w, y, T, ignore_index, keep=True)
+    def forward(ctx, x, w, y, T, ignore_index, sq):
+        logp, lsq, lse, (buf, vs) = _fwd(x, w, y, T, ignore_index, keep=True, sq=sq)
         ctx.save_for_backward(x, w, y, lse)
         ctx.buf, ctx.vs, ctx.T, ctx.ignore_index = buf, vs, T, ignore_index
-        return logp
+        ctx.mark_non_differentiable(lsq)
+        return logp, lsq
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
+    def backward(ctx, g, _):
         x, w, y, lse = ctx.saved_tensors
         kept, ctx.buf = ctx.buf, None  # backward overwrites the buffer: a second backward must recompute
         dx, dw = _bwd(x, w, y, lse, g.float().contiguous(), ctx.T, ctx.ignore_index, kept, ctx.vs,
                       *ctx.needs_input_grad[:2])
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- PyTorch reference
 
 class _LogProbsRef(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, y, T, ignore_index):
+    def forward(ctx, x, w, y, T, ignore_index, sq):
         ct = torch.promote_types(x.dtype, torch.float32)  # fp32 maths, fp64 for fp64 inputs
         N, V = x.shape[0], w.shape[0]
         C, wt = fit(CHUNK_BYTES // (V * ct.itemsize)), w.to(ct)
         valid = y != ignore_index
         yc = torch.where(valid, y, 0)  # a safe index for gather
-        logp = torch.zeros(N, dtype=ct, device=x.device)
+        logp, lsq = torch.zeros(N, dtype=ct, device=x.device), torch.zeros(N, dtype=ct, device=x.device)
         for c0 in range(0, N, C):
-            z = x[c0:c0 + C].to(ct) @ wt.t() / T  # (C, V), the only large tensor
-            logp[c0:c0 + C] = z.log_softmax(-1).gather(1, yc[c0:c0 + C, None])[:, 0]
+            ls = (x[c0:c0 + C].to(ct) @ wt.t() / T).log_softmax(-1)  # (C, V), the only large tensor
+            logp[c0:c0 + C] = ls.gather(1, yc[c0:c0 + C, None])[:, 0]
+            if sq:
+                lsq[c0:c0 + C] = torch.logsumexp(2 * ls, -1)
         ctx.save_for_backward(x, w, y)
         ctx.T, ctx.ignore_index = T, ignore_index
-        return torch.where(valid, logp, 0.0)
+        lsq = torch.where(valid, lsq, 0.0)
+        ctx.mark_non_differentiable(lsq)
+        return torch.where(valid, logp, 0.0), lsq
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
+    def backward(ctx, g, _):
         x, w, y = ctx.saved_tensors
         ct = torch.promote_types(x.dtype, torch.float32)
         N, V, T = x.shape[0], w.shape[0], ctx.T
@@ -248,22 +269,26 @@ class _LogProbsRef(torch.autograd.Function):
             dz *= coef[c0:c0 + C, None]
             dx[c0:c0 + C] = dz @ wt
             dw += dz.t() @ xc
-        return dx.to(x.dtype), dw.to(w.dtype), None, None, None
+        return dx.to(x.dtype), dw.to(w.dtype), None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public op
 
 @torch.compiler.disable
-def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=-100):
+def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=-100, return_lsq=False):
     """log_softmax(hidden @ weight.T / temperature)[targets] per row without the [N, V] logits.
 
     hidden (N, H), weight (V, H) of one dtype, targets (N,) int -> logp (N,) fp32 (fp64 for fp64 inputs),
     0 and no gradient where targets == ignore_index. Differentiable in hidden and weight with any per-token
-    upstream gradient. Triton + cuBLAS on CUDA, the chunked PyTorch reference elsewhere (see IMPL)."""
+    upstream gradient. Triton + cuBLAS on CUDA, the chunked PyTorch reference elsewhere (see IMPL).
+    return_lsq=True -> (logp, lsq), lsq (N,) = log sum_v p_v^2 of each row's distribution (0 on ignored rows,
+    no gradient): WPO's weight alignment, one more running sum in the same pass."""
     y = check("fused_linear_logprobs", hidden, weight, targets, ignore_index, temperature)
     x, w, T = hidden.contiguous(), weight.contiguous(), float(temperature)
     if not use_triton(x) or x.shape[0] == 0:
-        return _LogProbsRef.apply(x, w, y, T, ignore_index)
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-        return _LogProbs.apply(x, w, y, T, ignore_index)
-    return _fwd(x, w, y, T, ignore_index, keep=False)[0]  # no graph (e.g. reference log-probs): no buffer kept
+        logp, lsq = _LogProbsRef.apply(x, w, y, T, ignore_index, return_lsq)
+    elif torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        logp, lsq = _LogProbs.apply(x, w, y, T, ignore_index, return_lsq)
+    else:  # no graph (e.g. reference log-probs): no buffer kept
+        logp, lsq = _fwd(x, w, y, T, ignore_index, keep=False, sq=return_lsq)[:2]
+    return (logp, lsq) if return_lsq else logp

@@ -42,9 +42,10 @@ def sig(z):
     return math.exp(logsig(z))
 
 
-def paper_loss(kind, pc, pr, rc, rr, nc, nr, beta, gbr, eps):
+def paper_loss(kind, pc, pr, rc, rr, nc, nr, qc, qr, beta, gbr, eps):
     """One pair, python floats (float64). -> (loss, dloss/dpc, dloss/dpr, reward_c, reward_r), where
-    pc/pr are the policy's summed log-probs of chosen/rejected and rc/rr the reference's."""
+    pc/pr are the policy's summed log-probs of chosen/rejected, rc/rr the reference's and qc/qr the
+    summed per-token log sum_v pi(v)^2 (WPO)."""
     nc, nr = max(nc, 1), max(nr, 1)  # an empty response averages to 0
     if kind == "ipo":
         # Azar et al. 2023 eq. 17: (h - 1/(2 tau))^2, h = log [pi(yw) pi_ref(yl) / (pi(yl) pi_ref(yw))], on
@@ -70,8 +71,8 @@ def paper_loss(kind, pc, pr, rc, rr, nc, nr, beta, gbr, eps):
     loss = -(1 - eps) * logsig(z) - eps * logsig(-z)
     dz = -(1 - eps) * sig(-z) + eps * sig(z)
     w = 1.0
-    if kind == "wpo":  # Zhou et al. 2024: weight exp(avg log pi(yw) + avg log pi(yl)), held constant
-        w = min(1.0, math.exp(pc / nc + pr / nr))
+    if kind == "wpo":  # Zhou et al. 2024 eq. 2, aligned: exp(avg log(pi / sum pi^2) over yw and over yl), constant
+        w = min(1.0, math.exp((pc - qc) / nc + (pr - qr) / nr))
     return w * loss, w * dz * dzc, w * dz * dzr, rw_c, rw_r
 
 
@@ -85,7 +86,9 @@ def random_pairs(P, seed, dtype=torch.float64):
     pc, pr = -nc * per_tok(), -nr * per_tok()
     rc = pc + torch.randn(P, generator=g, dtype=dtype) * 2 * (nc > 0)
     rr = pr + torch.randn(P, generator=g, dtype=dtype) * 2 * (nr > 0)
-    return pc, pr, rc, rr, nc, nr
+    # summed log sum_v p_v^2: between log p_max^2 ... 0 per token; here up to 2 nats a token below 0
+    qc, qr = -nc * torch.rand(P, generator=g, dtype=dtype) * 2, -nr * torch.rand(P, generator=g, dtype=dtype) * 2
+    return pc, pr, rc, rr, nc, nr, qc, qr
 
 
 SETTINGS = [("dpo", 0.1, 0.0), ("dpo", 0.5, 0.2), ("dpo_norm", 5.0, 0.0), ("dpo_norm", 2.0, 0.1), ("simpo", 2.0, 0.0),
@@ -96,13 +99,14 @@ SETTINGS = [("dpo", 0.1, 0.0), ("dpo", 0.5, 0.2), ("dpo_norm", 5.0, 0.0), ("dpo_
 def test_loss_matches_paper(kind, beta, eps):
     assert {k for k, _, _ in SETTINGS} == set(LOSS_TYPES)
     gbr = 0.3 if kind != "simpo" or beta < 5 else 0.5
-    pc, pr, rc, rr, nc, nr = random_pairs(64, seed=SETTINGS.index((kind, beta, eps)))
-    want = torch.tensor([paper_loss(kind, *(float(t[i]) for t in (pc, pr, rc, rr, nc, nr)), beta, gbr, eps)
+    pc, pr, rc, rr, nc, nr, qc, qr = random_pairs(64, seed=SETTINGS.index((kind, beta, eps)))
+    want = torch.tensor([paper_loss(kind, *(float(t[i]) for t in (pc, pr, rc, rr, nc, nr, qc, qr)), beta, gbr, eps)
                          for i in range(64)], dtype=torch.float64)  # (P, 5)
     pc.requires_grad_(True)
     pr.requires_grad_(True)
     losses, rw_c, rw_r = preference_loss(pc, pr, None if kind == "simpo" else rc, None if kind == "simpo" else rr,
-                                         nc, nr, kind, beta, gamma_beta_ratio=gbr, label_smoothing=eps)
+                                         nc, nr, kind, beta, gamma_beta_ratio=gbr, label_smoothing=eps,
+                                         chosen_lsq=qc, rejected_lsq=qr)
     losses.sum().backward()
     assert losses.dtype == torch.float64 and losses.shape == (64,)
     torch.testing.assert_close(losses.detach(), want[:, 0], rtol=1e-10, atol=1e-12)
@@ -113,7 +117,8 @@ def test_loss_matches_paper(kind, beta, eps):
     assert not rw_c.requires_grad and not rw_r.requires_grad
     # fp32 inputs (what the script passes) agree to fp32 precision
     f = [t.detach().float() for t in (pc, pr, rc, rr)]
-    l32, _, _ = preference_loss(*f, nc, nr, kind, beta, gamma_beta_ratio=gbr, label_smoothing=eps)
+    l32, _, _ = preference_loss(*f, nc, nr, kind, beta, gamma_beta_ratio=gbr, label_smoothing=eps,
+                                chosen_lsq=qc.float(), rejected_lsq=qr.float())
     assert l32.dtype == torch.float32
     torch.testing.assert_close(l32.double(), want[:, 0], rtol=1e-4, atol=1e-5)
 
@@ -122,7 +127,8 @@ def test_zero_length_responses_give_no_nan():
     for kind in LOSS_TYPES:
         z = torch.zeros(4, dtype=torch.float32, requires_grad=True)
         n = torch.zeros(4, dtype=torch.long)
-        losses, rw_c, rw_r = preference_loss(z, z, z.detach(), z.detach(), n, n, kind, 5.0)
+        losses, rw_c, rw_r = preference_loss(z, z, z.detach(), z.detach(), n, n, kind, 5.0, chosen_lsq=z.detach(),
+                                             rejected_lsq=z.detach())
         losses.sum().backward()
         assert torch.isfinite(losses).all() and torch.isfinite(z.grad).all(), kind
         assert torch.isfinite(rw_c).all() and torch.isfinite(rw_r).all(), kind
@@ -134,14 +140,18 @@ def test_loss_argument_errors():
         preference_loss(x, x, x, x, x, x, "kto", 0.1)
     with pytest.raises(ValueError, match="ipo"):
         preference_loss(x, x, x, x, x, x, "ipo", 0.1, label_smoothing=0.1)
+    with pytest.raises(ValueError, match="wpo needs chosen_lsq"):
+        preference_loss(x, x, x, x, x, x, "wpo", 0.1)
 
 
 def test_wpo_weight_has_no_gradient():
     # d/dpc of w * l with w held constant is w * dl/dpc; were w differentiated, the extra term w/nc * l would show
     pc, pr = torch.tensor([-4.0], requires_grad=True), torch.tensor([-6.0], requires_grad=True)
     n = torch.tensor([2])
-    preference_loss(pc, pr, torch.tensor([-5.0]), torch.tensor([-5.0]), n, n, "wpo", 1.0)[0].sum().backward()
-    w = math.exp(-2 - 3)
+    q = torch.tensor([-1.0])
+    preference_loss(pc, pr, torch.tensor([-5.0]), torch.tensor([-5.0]), n, n, "wpo", 1.0, chosen_lsq=q,
+                    rejected_lsq=q)[0].sum().backward()
+    w = math.exp((-4 + 1) / 2 + (-6 + 1) / 2)
     assert pc.grad.item() == pytest.approx(-w * sig(-(1.0 - -1.0)), rel=1e-5)
 
 
@@ -341,6 +351,28 @@ def test_simpo_rewards_and_accuracy(tiny):
     assert m["accuracy"] == (rw[:, 0] > rw[:, 1]).double().mean().item()
     want = torch.nn.functional.softplus(-(2.0 * (avg[:, 0] - avg[:, 1]) - 0.5 * 2.0)).mean()
     assert m["loss"] == pytest.approx(want.item(), abs=1e-4)
+
+
+def test_wpo_aligned_weights_in_the_script(tiny):
+    """At step 0 the policy is its reference, so every pair's DPO term is log 2 and the logged loss is
+    log 2 x the mean WPO weight: min(1, exp(avg(log pi - log sum pi^2) over chosen + the same over rejected)),
+    recomputed here from float64 full softmaxes."""
+    out = tiny[2] / "wpo"
+    run_dpo(tiny, out, "--loss-type", "wpo", "--max-steps", "1")
+    pairs = encoded_pairs(tiny)
+    idx = epoch_order(48, 0, 0)[:8]
+    model = Llama.from_pretrained(tiny[0], dtype=torch.float64)
+    w = []
+    with torch.no_grad():
+        for i in idx:
+            b = pad_batch(list(pairs[i]), 0)
+            ls = model(b["input_ids"]).log_softmax(-1)                                  # (2, T, V)
+            y, keep = b["targets"].clamp(min=0), b["targets"] != IGNORE
+            adj = (ls.gather(-1, y[..., None])[..., 0] - torch.logsumexp(2 * ls, -1)) * keep
+            w.append(min(1.0, math.exp((adj.sum(-1) / keep.sum(-1)).sum().item())))
+    (m,) = metrics(out)
+    assert 0.05 < min(w) < 1  # weights in play, not all clamped
+    assert m["loss"] == pytest.approx(math.log(2) * sum(w) / len(w), rel=1e-5)
 
 
 def test_two_ranks_equal_one(tiny, run_a):
