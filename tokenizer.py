@@ -176,7 +176,11 @@ class Tokenizer:
         # templates [{"name": "default", "template": ...}, ...] (we use "default")
         template = cfg.get("chat_template")
         if isinstance(template, list):
-            template = {t["name"]: t["template"] for t in template}.get("default")
+            named = {t["name"]: t["template"] for t in template}
+            if "default" not in named:  # (transformers would ask for a name too; silently using ours would not do)
+                raise ValueError(f"{path}/tokenizer_config.json: chat_template lists {sorted(named)} but no "
+                                 "'default' one")
+            template = named["default"]
         jinja_file = os.path.join(path, "chat_template.jinja")
         if os.path.isfile(jinja_file):
             with open(jinja_file, encoding="utf-8") as f:

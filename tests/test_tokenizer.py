@@ -408,6 +408,27 @@ def test_clear_errors(ckpts, tmp_path):
         Tokenizer.from_pretrained(path).apply_chat_template([])
 
 
+def test_named_chat_templates(ckpts, tmp_path):
+    # tokenizer_config.json may hold a list of named templates: "default" is the chat template; a list
+    # without one is an error, not a silent fall back to the Tülu template
+    path = ckpts["llama3"][0]
+    d = tmp_path / "named"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes(open(os.path.join(path, "tokenizer.json"), "rb").read())
+    cfg = json.load(open(os.path.join(path, "tokenizer_config.json")))
+    cfg.pop("chat_template", None)
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    for names, ok in ((["tool_use", "default"], True), (["tool_use"], False)):
+        cfg["chat_template"] = [{"name": n, "template": LLAMA3_TEMPLATE if n == "default" else "x"} for n in names]
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))  # (no chat_template.jinja in d to win)
+        if ok:
+            tok = Tokenizer.from_pretrained(str(d))
+            assert tok.apply_chat_template(conv) == Tokenizer.from_pretrained(path).apply_chat_template(conv)
+        else:
+            with pytest.raises(ValueError, match="no 'default' one"):
+                Tokenizer.from_pretrained(str(d))
+
+
 def test_train_tokenizer_is_deterministic(base, tmp_path):
     assert base.eos_token == "<|endoftext|>" and base.pad_id == base.eos_id == base.token_to_id("<|endoftext|>") == 0
     assert base.chat_template == TULU_TEMPLATE and base.vocab_size == 400
