@@ -193,14 +193,7 @@ def save_checkpoint(out, model, tokenizer, optimizer=None, state=None, dtype=Non
     temp dir, the run's logs are copied in, and the directory is swapped in whole, so a crash
     mid-save leaves the last good checkpoint. Collective under FSDP: every rank must call it."""
     sd = full_state_dict(model)
-    osd = None
-    if optimizer is not None:
-        if is_dist():
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-            osd = get_optimizer_state_dict(model, optimizer,
-                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            osd = optimizer.state_dict()
+    osd = optimizer_state(model, optimizer) if optimizer is not None else None
     if not is_dist() or dist.get_rank() == 0:
         parent = os.path.dirname(os.path.abspath(out))
         os.makedirs(parent, exist_ok=True)
@@ -241,21 +234,45 @@ def load_train_state(ckpt, model, optimizer):
     """Restores optimizer and RNG from ckpt/train_state.pt, and the fp32 master weights when the
     checkpoint's safetensors were saved rounded (bf16); returns the rest of the saved state."""
     st = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)
-    if is_dist():
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        if "model" in st:
-            set_model_state_dict(model, st["model"], options=opts)
-        set_optimizer_state_dict(model, optimizer, st["optimizer"], options=opts)
-    else:
-        if "model" in st:
-            model.load_state_dict(st["model"])
-        optimizer.load_state_dict(st["optimizer"])
+    set_state(model, optimizer, st.get("model"), st["optimizer"])
     random.setstate(st["rng"]["python"])
     np.random.set_state(st["rng"]["numpy"])
     torch.set_rng_state(st["rng"]["torch"])
     return st
+
+
+def resume(resumed, out, model, optimizer):
+    """The saved state to continue from: load_train_state's when `resumed` is a checkpoint, {"step": 0}
+    for a fresh run. Either way the metrics rows logged at or after that step are dropped: they are
+    about to be redone (all of them, for a fresh run)."""
+    st = load_train_state(resumed, model, optimizer) if resumed else {"step": 0}
+    if resumed:
+        print0(f"resumed from {resumed} at step {st['step']}")
+    trim_metrics(out, st["step"])
+    return st
+
+
+def optimizer_state(model, optimizer):
+    """The optimizer's full (unsharded) state dict, on CPU (rank 0; collective under FSDP)."""
+    if not is_dist():
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def set_state(model, optimizer, model_sd, optim_sd):
+    """Full state dicts into a module (skipped when model_sd is None) and its optimizer; under FSDP rank 0's
+    are broadcast into every rank's shards (collective)."""
+    if not is_dist():
+        if model_sd is not None:
+            model.load_state_dict(model_sd)
+        optimizer.load_state_dict(optim_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    if model_sd is not None:
+        set_model_state_dict(model, model_sd, options=opts)
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
 
 
 def log_metrics(out, row):

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint,
-                    init_distributed, is_dist, load_model, load_train_state, log_metrics, lr_at, plan_steps, print0,
-                    save_checkpoint, seed_everything, token_logprobs, trim_metrics, write_json)
+                    init_distributed, is_dist, load_model, log_metrics, lr_at, plan_steps, print0, resume,
+                    save_checkpoint, seed_everything, token_logprobs, write_json)
 from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_jsonl, rlvr_row
 from tokenizer import Tokenizer, tokenize_conversation
 
@@ -380,11 +380,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
         model = load_model(resumed, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile)
     model.train()
     opt = build_optimizer(model, args.lr, args.weight_decay)
-    start = 0
-    if resumed:
-        start = load_train_state(resumed, model, opt)["step"]
-        print0(f"resumed from {resumed} at step {start}")
-    trim_metrics(args.out, start)  # rows after the checkpoint are about to be redone (all rows, if fresh)
+    start = resume(resumed, args.out, model, opt)["step"]
     save_dtype = torch.bfloat16 if args.save_dtype == "bf16" else torch.float32
     bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, desc="dpo")
     for step in bar:

@@ -278,8 +278,8 @@ if __name__ == "__main__":
     from tqdm import tqdm
 
     from common import (add_optim_args, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint,
-                        full_state_dict, init_distributed, load_train_state, log_metrics, lr_at,
-                        print0, save_checkpoint, seed_everything, trim_metrics, write_json)
+                        full_state_dict, init_distributed, log_metrics, lr_at, optimizer_state, print0,
+                        resume, save_checkpoint, seed_everything, set_state, write_json)
     from data import DataError, encode_prompt, epoch_order, load_mixture, read_jsonl, rlvr_row
     from model import generate
 
@@ -439,32 +439,13 @@ if __name__ == "__main__":
 
     def value_state():
         """Full state of the value model and its optimizer (rank 0; collective under FSDP)."""
-        if vm is None:
-            return None
-        if is_dist():
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-            osd = get_optimizer_state_dict(vm, vopt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            osd = vopt.state_dict()
-        return {"model": full_state_dict(vm), "optimizer": osd}
+        return None if vm is None else {"model": full_state_dict(vm), "optimizer": optimizer_state(vm, vopt)}
 
-    start, beta = 0, args.beta
-    if resumed:
-        st = load_train_state(resumed, policy, popt)
-        start, beta = st["step"], st["beta"]
-        if vm is not None:
-            if is_dist():
-                from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                     set_optimizer_state_dict)
-                opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-                set_model_state_dict(vm, st["value"]["model"], options=opts)
-                set_optimizer_state_dict(vm, vopt, st["value"]["optimizer"], options=opts)
-            else:
-                vm.load_state_dict(st["value"]["model"])
-                vopt.load_state_dict(st["value"]["optimizer"])
-        del st
-        print0(f"resumed from {resumed} at step {start}")
-    trim_metrics(args.out, start)  # rows logged after the checkpoint (or by an earlier run) are redone
+    st = resume(resumed, args.out, policy, popt)
+    start, beta = st["step"], st.get("beta", args.beta)
+    if resumed and vm is not None:
+        set_state(vm, vopt, st["value"]["model"], st["value"]["optimizer"])
+    del st
 
     n_params = sum(q.numel() for q in policy.parameters())
     print0(f"prompts: {len(rows)} ({n_bad} bad rows skipped, {n_long} over --max-prompt-len {args.max_prompt_len}) | "

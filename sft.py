@@ -27,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint,
-                    init_distributed, load_model, load_train_state, log_metrics, lr_at, plan_steps, print0,
-                    save_checkpoint, seed_everything, trim_metrics, write_json)
+                    init_distributed, load_model, log_metrics, lr_at, plan_steps, print0, resume,
+                    save_checkpoint, seed_everything, write_json)
 from data import DataError, encode_sft, epoch_order, load_mixture, pack_batch, pad_batch, sft_row
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,11 +161,7 @@ def val_loss():
 # training loop
 
 opt = build_optimizer(model, args.lr, args.weight_decay)
-start = 0
-if resumed:
-    start = load_train_state(resumed, model, opt)["step"]
-    print0(f"resumed from {resumed} at step {start}")
-trim_metrics(args.out, start)  # rows after the checkpoint are about to be redone (all rows, if fresh)
+start = resume(resumed, args.out, model, opt)["step"]
 save_dtype = torch.bfloat16 if args.save_dtype == "bf16" else torch.float32
 bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, desc="sft")
 for step in bar:

@@ -5,8 +5,6 @@ softmax it claims to sample from.
     python -m pytest tests/test_generate.py -v
 """
 import math
-import os
-import tempfile
 
 import pytest
 import torch
