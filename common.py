@@ -223,11 +223,15 @@ def save_checkpoint(out, model, tokenizer, optimizer=None, state=None, dtype=Non
 
 
 def find_checkpoint(out):
-    """The directory to resume from: `out`, or `out.old` if a crash hit between the two renames."""
-    for d in (out, out + ".old"):
-        if os.path.isfile(os.path.join(d, "train_state.pt")) and os.path.isfile(os.path.join(d, "config.json")):
-            return d
-    return None
+    """The directory to resume from (`out`), or None. A crash between replace_dir's two renames leaves the
+    last checkpoint only in out.old: it is moved back first (by rank 0), so the run's logs go on in place."""
+    def complete(d):
+        return os.path.isfile(os.path.join(d, "train_state.pt")) and os.path.isfile(os.path.join(d, "config.json"))
+    if not os.path.exists(out) and complete(out + ".old") and (not is_dist() or dist.get_rank() == 0):
+        os.rename(out + ".old", out)
+    if is_dist():
+        dist.barrier()
+    return out if complete(out) else None
 
 
 def load_train_state(ckpt, model, optimizer):

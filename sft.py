@@ -44,7 +44,7 @@ p.add_argument("--max-len", type=int, default=None)
 p.add_argument("--drop-long", action="store_true", help="drop examples over --max-len instead of truncating")
 p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
 p.add_argument("--packing", action="store_true", help="padding-free packed micro-batches")
-p.add_argument("--val-frac", type=float, default=0.02, help="share of rows held out for validation loss")
+p.add_argument("--val-frac", type=float, default=None, help="share of each data file held out for validation loss")
 p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end")
 p.add_argument("--eval-n", type=int, default=None, help="score only the first N held-out prompts")
 # optimization
@@ -55,18 +55,19 @@ p.add_argument("--micro-batch-size", type=int, default=None, help="examples per 
 add_optim_args(p)  # --lr --schedule --warmup-ratio ... --save-every (shared: common.py)
 p.add_argument("--loss-reduction", choices=["sum", "mean"], default="sum")
 # logging and checkpoints
-p.add_argument("--eval-every", type=int, default=50, help="validation loss every N steps")
+p.add_argument("--eval-every", type=int, default=None, help="validation loss every N steps")
 args = p.parse_args()
 
 # presets fill whatever was not given on the command line (see README: "Presets")
 PRESETS = {
     # the tiny default: a ~0.9M-parameter model from scratch, a few minutes on 2 CPU cores
     "tiny": dict(epochs=8, batch_size=32, micro_batch_size=32, lr=3e-3, schedule="cosine", warmup_ratio=0.05,
-                 max_len=256, save_dtype="fp32"),
+                 max_len=256, save_dtype="fp32", val_frac=0.02, eval_every=50),
     # Tülu 3 8B SFT (open-instruct docs/tulu3.md): lr 5e-6 linear, warmup 0.03, wd 0, 2 epochs,
     # max length 4096, effective batch 128, sum loss
+    # (Tülu trains on every row; ~0.1% is held out here for a validation loss every 500 steps)
     "tulu3-8b": dict(epochs=2, batch_size=128, micro_batch_size=1, lr=5e-6, schedule="linear", warmup_ratio=0.03,
-                     max_len=4096, save_dtype="bf16"),
+                     max_len=4096, save_dtype="bf16", val_frac=0.001, eval_every=500),
 }
 for k, v in PRESETS[args.preset].items():
     if getattr(args, k) is None:
@@ -99,25 +100,29 @@ model.train()
 # data
 
 try:
-    if args.data is not None:
-        rows, n_bad = load_mixture(args.data, sft_row, seed=args.seed, skip_bad=args.skip_bad)
+    if args.data is not None:  # one list per file: each gives its share of the validation rows
+        sources = [load_mixture([s], sft_row, seed=args.seed, skip_bad=args.skip_bad) for s in args.data]
+        n_bad = sum(k for _, k in sources)
+        sources = [rows for rows, _ in sources]
     else:
-        rows, n_bad = [r["messages"] for r in sft_rows], 0
+        sources, n_bad = [[r["messages"] for r in sft_rows]], 0
     if args.eval_prompts:
         from data import rlvr_row, read_jsonl
         held_out = [rlvr_row(r, w) for w, r in read_jsonl(args.eval_prompts)]
 except DataError as e:
     raise SystemExit(f"error: {e}")
-examples, n_trunc, n_drop = [], 0, 0
-for msgs in rows:
-    ex = encode_sft(tok, msgs, args.max_len, truncate=not args.drop_long)
-    if ex is None:
-        n_drop += 1
-        continue
-    n_trunc += len(ex[0]) == args.max_len
-    examples.append(ex)
-n_val = int(len(examples) * args.val_frac)
-val, train = examples[:n_val], examples[n_val:]
+val, train, n_trunc, n_drop = [], [], 0, 0
+for rows in sources:
+    examples = []
+    for msgs in rows:
+        ex = encode_sft(tok, msgs, args.max_len, truncate=not args.drop_long)
+        if ex is None:
+            n_drop += 1
+            continue
+        n_trunc += len(ex[0]) == args.max_len
+        examples.append(ex)
+    n_val = int(len(examples) * args.val_frac)  # the first rows of the file's seeded shuffle
+    val, train = val + examples[:n_val], train + examples[n_val:]
 accum, steps_per_epoch, total, warmup = plan_steps(len(train), args, world, "training examples")
 B, mB = args.batch_size, args.micro_batch_size
 n_params = sum(p.numel() for p in model.parameters())
@@ -146,11 +151,17 @@ def loss_sum(batch):
 
 @torch.no_grad()
 def val_loss():
-    """Mean per-token NLL on the validation examples (rank-strided, summed over ranks)."""
+    """Mean per-token NLL on the validation examples (rank-strided, summed over ranks). Every rank runs
+    the same number of forwards (FSDP's all-gathers are collective): one out of rows runs a dummy batch
+    with no target."""
     model.eval()
     tot, n = 0.0, 0
-    for j in range(rank * mB, len(val), mB * world):
-        loss, k = loss_sum(pad_batch(val[j:j + mB], tok.pad_id, device))
+    for r in range(-(-len(val) // (mB * world))):
+        j = (r * world + rank) * mB
+        batch = pad_batch(val[j:j + mB] or val[:1], tok.pad_id, device)
+        if j >= len(val):
+            batch["targets"].fill_(IGNORE)
+        loss, k = loss_sum(batch)
         tot, n = tot + loss.item(), n + k.item()
     model.train()
     tot, n = all_reduce(tot), all_reduce(n)

@@ -80,7 +80,8 @@ def main():
     gens = complete(model, tok, prompts, args, STOPS, desc="gsm8k")
     records, metrics = score(rows, [g["response"] for g in gens])
     records = [{**r, **g} for r, g in zip(records, gens)]
-    protocol = {"shots": 8, "format": "multi-turn chat, assistant prefix 'Answer:'", "stops": STOPS, "greedy": True}
+    protocol = {"shots": 8, "format": "multi-turn chat, assistant prefix 'Answer:'", "stops": STOPS, "greedy": True,
+                "scoring": "the last number, compared as a number with its sign (OLMES compares strings, unsigned)"}
     save(out, "gsm8k", args, records, metrics, "exact_match", protocol, prompts[0], t0)
     cleanup()
 

@@ -13,7 +13,9 @@ MATH 4-shot chain-of-thought with "flex" scoring, the protocol Tülu 3 reports (
     only, so an answer sympy cannot parse (an interval, text) never matches: the 5,000 gold answers
     written as Minerva lines score 94.9% on it and 100% on flex (which is why Tülu 3 reports flex)
   - gold: the normalised content of the solution's last \\boxed{}
-  - metrics: macro (mean over the 7 subjects, OLMES' suite metric) and micro (over problems)
+  - metrics: macro (mean over the 7 subjects, OLMES' suite metric) and micro (over problems); MATH-500 is
+    one task in OLMES (`minerva_math_500`), so its headline is micro. Its file carries no subjects: they
+    (and the levels) are looked up in the full test set by problem text
 
     python -m eval.math --ckpt out/sft                    # all 5,000 test problems
     python -m eval.math --ckpt out/sft --subset 500       # MATH-500 (data/math/test500.jsonl)
@@ -91,15 +93,23 @@ def main():
     name = "math500" if args.subset else "math"
     path = os.path.join(args.data, "math", "test500.jsonl" if args.subset else "test.jsonl")
     rows = load_rows(path, ["problem", "solution", "type"], args.limit, check=lambda r: verifiers.math_gold(r["solution"]))
+    if args.subset:
+        full = {r["problem"]: r for r in load_rows(os.path.join(args.data, "math", "test.jsonl"), ["problem", "type"])}
+        for i, r in enumerate(rows):
+            if r["problem"] not in full:
+                raise SystemExit(f"error: {path}: row {i + 1}'s problem is not in test.jsonl: its subject is unknown")
+            r["type"], r["level"] = full[r["problem"]]["type"], full[r["problem"]].get("level")
     shots = fewshot(os.path.join(args.data, "math", "minerva_4shot_prompt.txt"))
     model, tok, out = setup(args, name)
     prompts = [render(tok, messages(r["problem"], shots)) for r in rows]
     gens = complete(model, tok, prompts, args, STOPS, desc=name)
     records, metrics = score(rows, [g["response"] for g in gens])
     records = [{**r, **g} for r, g in zip(records, gens)]
-    protocol = {"shots": 4, "format": "multi-turn chat, Minerva exemplars", "stops": STOPS, "greedy": True,
-                "headline": "flex_macro"}
-    save(out, name, args, records, metrics, "flex_macro", protocol, prompts[0], t0)
+    headline = "flex_micro" if args.subset else "flex_macro"
+    protocol = {"shots": 4, "format": "multi-turn chat, Minerva exemplars (the whitespace-fixed text)",
+                "stops": STOPS, "greedy": True, "headline": headline,
+                "scoring": "flex: Hendrycks strip_string or sympy over the Minerva line, last box, last $...$"}
+    save(out, name, args, records, metrics, headline, protocol, prompts[0], t0)
     cleanup()
 
 

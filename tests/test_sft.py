@@ -100,17 +100,21 @@ def test_packed_loss_equals_padded_loss(tiny):
 
 def test_accumulation_and_two_process_fsdp_match(tiny, tmp_path):
     """One micro-batch of 8, eight of 1, and 2 ranks x 4 give the same losses and weights: the loss is
-    normalised by the step's global target-token count, not per micro-batch."""
-    run_sft(tiny, tmp_path / "a", "--max-steps", 3, "--batch-size", 8, "--micro-batch-size", 8)
-    run_sft(tiny, tmp_path / "b", "--max-steps", 3, "--batch-size", 8, "--micro-batch-size", 1)
-    run_sft(tiny, tmp_path / "c", "--max-steps", 3, "--batch-size", 8, "--micro-batch-size", 4, nproc=2)
+    normalised by the step's global target-token count, not per micro-batch. 4 validation rows at micro-batch
+    4 leave rank 1 without any: it must still join each validation forward (FSDP), and the value is the same."""
+    val = ("--val-frac", 0.05, "--eval-every", 1)
+    run_sft(tiny, tmp_path / "a", "--max-steps", 3, "--batch-size", 8, "--micro-batch-size", 8, *val)
+    run_sft(tiny, tmp_path / "b", "--max-steps", 3, "--batch-size", 8, "--micro-batch-size", 1, *val)
+    run_sft(tiny, tmp_path / "c", "--max-steps", 3, "--batch-size", 8, "--micro-batch-size", 4, *val, nproc=2)
     a, b, c = (str(tmp_path / k) for k in "abc")
     assert losses(a) == pytest.approx(losses(b), abs=1e-6) and losses(a) == pytest.approx(losses(c), abs=1e-6)
+    va, vc = ([json.loads(ln)["val_loss"] for ln in open(os.path.join(d, "metrics.jsonl"))] for d in (a, c))
+    assert len(va) == 3 and va == pytest.approx(vc, abs=1e-6)
     assert max_diff(weights(a), weights(b)) < 1e-4
     assert max_diff(weights(a), weights(c)) < 1e-4
     # and the per-micro-batch mean (the ablation) is a different objective here
     run_sft(tiny, tmp_path / "d", "--max-steps", 3, "--batch-size", 8, "--micro-batch-size", 1,
-            "--loss-reduction", "mean")
+            "--loss-reduction", "mean", *val)
     assert max_diff(weights(a), weights(str(tmp_path / "d"))) > 1e-4
 
 
