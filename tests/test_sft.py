@@ -180,6 +180,18 @@ def test_bf16_checkpoint_resumes_fp32_weights_and_drops_stale_index(tiny, tmp_pa
     assert max_diff(again.state_dict(), model.state_dict()) == 0
 
 
+def test_resume_after_a_crash_between_the_renames(tmp_path):
+    # replace_dir moved out -> out.old and died before tmp -> out: the checkpoint (and the run's logs) are
+    # moved back to out, where the resumed run goes on
+    out = tmp_path / "run"
+    (tmp_path / "run.old").mkdir()
+    for f in ("train_state.pt", "config.json", "metrics.jsonl"):
+        (tmp_path / "run.old" / f).write_text("x")
+    assert common.find_checkpoint(str(out)) == str(out)
+    assert (out / "metrics.jsonl").exists() and not (tmp_path / "run.old").exists()
+    assert common.find_checkpoint(str(tmp_path / "none")) is None
+
+
 def test_failed_save_keeps_last_checkpoint(tiny, tmp_path, monkeypatch):
     tok = Tokenizer.from_pretrained(tiny[0])
     model = Llama.from_pretrained(tiny[0])
