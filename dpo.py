@@ -158,6 +158,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
     p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end")
     p.add_argument("--eval-n", type=int, default=None, help="score only the first N held-out prompts")
+    p.add_argument("--eval-max-new-tokens", type=int, default=64, help="greedy tokens per held-out prompt")
     # on-policy pairs (without --data)
     # 300 of the 1000 built-in preference prompts: one modest offline round, as Tülu 3's DPO is one epoch
     # on a fixed set; RLVR, which keeps sampling, then has room to add to it
@@ -195,7 +196,6 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     if not os.path.isfile(os.path.join(args.ckpt, "config.json")):
         hint = " (run `python sft.py` first)" if builtin else ""
         raise SystemExit(f"error: {args.ckpt} is not a checkpoint{hint}")
-    EVAL_TOKENS = 64  # greedy tokens per held-out prompt, as sft.py, so that the accuracies compare
 
     # -----------------------------------------------------------------------------
     # setup: the starting checkpoint is loaded first; it samples the on-policy pairs, gives the
@@ -367,10 +367,11 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
         if builtin and os.path.isfile(sft_eval) and os.path.isfile(sft_args):
             a = json.load(open(sft_args))
             if (a.get("seed") == args.seed and a.get("data") is None and a.get("eval_prompts") is None
-                    and a.get("eval_n") == args.eval_n):
+                    and a.get("eval_n") == args.eval_n
+                    and a.get("eval_max_new_tokens", 64) == args.eval_max_new_tokens):
                 baseline = json.load(open(sft_eval))
         if baseline is None:
-            baseline = evaluate(model, tok, held_out, max_new_tokens=EVAL_TOKENS)
+            baseline = evaluate(model, tok, held_out, max_new_tokens=args.eval_max_new_tokens)
 
     # -----------------------------------------------------------------------------
     # training loop
@@ -423,8 +424,9 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     save_checkpoint(args.out, model, tok, opt, {"step": total, "args": vars(args)}, dtype=save_dtype)
     write_json(os.path.join(args.out, "args.json"), vars(args))
     if held_out is not None:
-        res = evaluate(model, tok, held_out, max_new_tokens=EVAL_TOKENS)
-        write_json(os.path.join(args.out, "eval.json"), {**res, "start": baseline})
+        res = evaluate(model, tok, held_out, max_new_tokens=args.eval_max_new_tokens)
+        write_json(os.path.join(args.out, "eval.json"),
+                   {**res, "max_new_tokens": args.eval_max_new_tokens, "start": baseline})
         fmt = lambda r: f"{r['accuracy']:.3f} (" + ", ".join(  # noqa: E731
             f"{k} {v['accuracy']:.3f}" for k, v in r["per_task"].items()) + ")"
         print0(f"held-out accuracy on {res['n']} prompts: start {fmt(baseline)} -> dpo {fmt(res)}")

@@ -9,8 +9,9 @@ Supervised fine-tuning, the first stage of Tülu 3 (paper §4): next-token loss 
 What it does:
 1. The loss is summed over target tokens and divided by the number of target tokens in the whole
    optimizer step, across micro-batches and ranks: every token weighs the same, whatever the
-   padding, packing or accumulation (the intent of Tülu 3's --reduce_loss sum, without its
-   accumulation bias). --loss-reduction mean gives the common per-micro-batch mean, as an ablation.
+   padding, packing or accumulation (Tülu 3's --reduce_loss sum weighs tokens alike too, with the
+   step's size growing with its token count). --loss-reduction mean gives the common per-micro-batch mean,
+   as an ablation.
 2. Batches are padded, or with --packing padding-free: one row per micro-batch with attention
    that never crosses a document boundary. Both give the same loss.
 3. AdamW, warmup then linear/cosine decay, gradient clipping. FSDP2 under torchrun (and on any
@@ -47,6 +48,8 @@ p.add_argument("--packing", action="store_true", help="padding-free packed micro
 p.add_argument("--val-frac", type=float, default=None, help="share of each data file held out for validation loss")
 p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end")
 p.add_argument("--eval-n", type=int, default=None, help="score only the first N held-out prompts")
+p.add_argument("--eval-max-new-tokens", type=int, default=64, help="greedy tokens per held-out prompt (the tiny "
+               "tasks need 64; chain-of-thought answers such as GSM8K's need 512 or more)")
 # optimization
 p.add_argument("--epochs", type=float, default=None)
 p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
@@ -217,8 +220,8 @@ save_checkpoint(args.out, model, tok, opt, {"step": total, "args": vars(args)}, 
 write_json(os.path.join(args.out, "args.json"), vars(args))
 if held_out is not None:
     held_out = held_out[:args.eval_n] if args.eval_n is not None else held_out
-    res = evaluate(model, tok, held_out, max_new_tokens=64)
-    write_json(os.path.join(args.out, "eval.json"), res)
+    res = evaluate(model, tok, held_out, max_new_tokens=args.eval_max_new_tokens)
+    write_json(os.path.join(args.out, "eval.json"), {**res, "max_new_tokens": args.eval_max_new_tokens})
     print0(f"held-out accuracy {res['accuracy']:.3f} on {res['n']} prompts: "
            + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in res["per_task"].items()))
 print0(f"saved {args.out}")
