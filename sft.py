@@ -45,6 +45,8 @@ p.add_argument("--max-len", type=int, default=None)
 p.add_argument("--drop-long", action="store_true", help="drop examples over --max-len instead of truncating")
 p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
 p.add_argument("--packing", action="store_true", help="padding-free packed micro-batches")
+p.add_argument("--add-bos", action="store_true", help="prepend BOS to the chat template (saved with the output): "
+               "for base models pretrained with BOS whose template does not write it")
 p.add_argument("--val-frac", type=float, default=None, help="share of each data file held out for validation loss")
 p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end")
 p.add_argument("--eval-n", type=int, default=None, help="score only the first N held-out prompts")
@@ -96,6 +98,11 @@ resumed = find_checkpoint(args.out) if args.resume else None
 if args.resume and resumed is None:
     print0(f"--resume: no checkpoint in {args.out}, starting fresh")
 tok = Tokenizer.from_pretrained(ckpt)
+if args.add_bos:
+    try:
+        tok.add_bos()
+    except ValueError as e:
+        raise SystemExit(f"error: --add-bos: {e}")
 model = load_model(resumed or ckpt, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile)
 model.train()
 

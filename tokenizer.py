@@ -243,6 +243,17 @@ class Tokenizer:
             messages=chat, add_generation_prompt=add_generation_prompt, **variables)
         return self.encode(text) if tokenize else text
 
+    def add_bos(self):
+        """Prepends {{ bos_token }} to the chat template, open-instruct's --add_bos: for a base model
+        pretrained with BOS first whose template (or the Tülu fallback) does not write one. Saved with the
+        checkpoint, so later stages, eval and vLLM render it too. A template that already starts with
+        BOS is an error (it would be doubled)."""
+        if self.bos_token is None:
+            raise ValueError("the tokenizer has no bos_token to add")
+        if self.apply_chat_template([{"role": "user", "content": "x"}]).startswith(self.bos_token):
+            raise ValueError(f"the chat template already starts with {self.bos_token}")
+        self.chat_template = "{{ bos_token }}" + self.chat_template
+
     def save_pretrained(self, path):
         """Write tokenizer.json, tokenizer_config.json (special tokens + chat_template) and
         special_tokens_map.json so that transformers' AutoTokenizer loads the same tokenizer."""

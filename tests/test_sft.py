@@ -256,6 +256,10 @@ def test_empty_file_and_cli_error(tiny, tmp_path):
     r = subprocess.run([sys.executable, "sft.py", "--ckpt", tiny[0], "--data", str(empty), "--out", str(tmp_path / "o")],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == f"error: {empty}: empty file"
+    # the tiny tokenizer has no BOS to add
+    r = subprocess.run([sys.executable, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--add-bos", "--out",
+                        str(tmp_path / "o")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == "error: --add-bos: the tokenizer has no bos_token to add"
 
 
 def test_mixture_counts_fractions_and_gzip(tmp_path):

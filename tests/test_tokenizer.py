@@ -429,6 +429,24 @@ def test_named_chat_templates(ckpts, tmp_path):
                 Tokenizer.from_pretrained(str(d))
 
 
+def test_add_bos(ckpts, tmp_path):
+    # open-instruct's --add_bos: BOS before the rendered conversation, never trained, saved with the template;
+    # a template that already writes BOS (Llama 3's) is refused rather than doubled
+    from tokenizer import tokenize_conversation
+    tok = Tokenizer.from_pretrained(ckpts["tulu"][0])
+    conv = CONVERSATIONS[1]
+    ids0, mask0 = tokenize_conversation(tok, conv)
+    tok.add_bos()
+    ids, mask = tokenize_conversation(tok, conv)
+    assert ids == [tok.bos_id] + ids0 and mask == [False] + mask0
+    tok.save_pretrained(str(tmp_path / "t"))
+    assert Tokenizer.from_pretrained(str(tmp_path / "t")).apply_chat_template(conv, tokenize=True) == ids
+    with pytest.raises(ValueError, match="already starts with <.begin_of_text.>"):
+        Tokenizer.from_pretrained(ckpts["llama3"][0]).add_bos()
+    with pytest.raises(ValueError, match="no bos_token to add"):
+        Tokenizer.from_pretrained(ckpts["chatml"][0]).add_bos()
+
+
 def test_train_tokenizer_is_deterministic(base, tmp_path):
     assert base.eos_token == "<|endoftext|>" and base.pad_id == base.eos_id == base.token_to_id("<|endoftext|>") == 0
     assert base.chat_template == TULU_TEMPLATE and base.vocab_size == 400
