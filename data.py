@@ -51,9 +51,12 @@ def read_jsonl(path, bad=None):
                     if not isinstance(row, dict):
                         raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
                 except (UnicodeDecodeError, json.JSONDecodeError, DataError) as e:
-                    err = e if isinstance(e, DataError) else \
-                        DataError(f"{path}:{i}: not UTF-8 ({e.reason} at byte {e.start})") \
-                        if isinstance(e, UnicodeDecodeError) else DataError(f"{path}:{i}: malformed JSON ({e.msg})")
+                    if isinstance(e, UnicodeDecodeError):
+                        err = DataError(f"{path}:{i}: not UTF-8 ({e.reason} at byte {e.start})")
+                    elif isinstance(e, json.JSONDecodeError):
+                        err = DataError(f"{path}:{i}: malformed JSON ({e.msg})")
+                    else:
+                        err = e
                     if bad is None:
                         raise err from None
                     bad.append(err)

@@ -82,6 +82,7 @@ class LlamaConfig:
 
     def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
         """The config.json to write: the source one (unknown keys kept) with our fields and dtype."""
+        name = str(dtype).removeprefix("torch.")
         d = dict(self.hf) or {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
                               "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
                               "initializer_range": 0.02, "bos_token_id": None, "eos_token_id": None}
@@ -89,7 +90,7 @@ class LlamaConfig:
                  num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads,
                  head_dim=self.head_dim, intermediate_size=self.ffn_dim, rms_norm_eps=self.norm_eps,
                  tie_word_embeddings=self.tie_embeddings, max_position_embeddings=self.max_seq_len,
-                 dtype=str(dtype).removeprefix("torch."), torch_dtype=str(dtype).removeprefix("torch."))
+                 dtype=name, torch_dtype=name)
         # both spellings: transformers 5 reads `dtype` (and would believe a stale one from the source file),
         # transformers 4 and older tools `torch_dtype`
         if "rope_parameters" in d:  # keep the spelling of the source file
