@@ -8,18 +8,18 @@ CPU process the model is a plain fp32 module (no process group), on CUDA it is a
 (at world size 1 too) so that the precision policy is the same everywhere:
 params fp32 (master weights), compute in bf16, gradient reduction in fp32.
 """
+import argparse
 import json
 import math
 import os
 import random
 import shutil
-import tempfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import Llama, replace_dir
+from model import Llama, new_dir_beside, replace_dir
 
 IGNORE = -100  # target id that is not trained on (prompt, user turns, padding)
 
@@ -123,6 +123,13 @@ def full_state_dict(model):
 # optimizer and schedule
 
 
+def positive(s):
+    """argparse type of a count flag (steps, batch sizes, token limits): one sentence for 0, -3, 2.5 or x."""
+    if not s.isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {s!r}")
+    return int(s)
+
+
 def add_optim_args(p):
     """The optimizer, schedule and checkpoint flags that sft.py, dpo.py and ppo_rlvr.py share; each
     script's preset fills the ones left at None."""
@@ -195,9 +202,7 @@ def save_checkpoint(out, model, tokenizer, optimizer=None, state=None, dtype=Non
     sd = full_state_dict(model)
     osd = optimizer_state(model, optimizer) if optimizer is not None else None
     if not is_dist() or dist.get_rank() == 0:
-        parent = os.path.dirname(os.path.abspath(out))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(out))
+        tmp = new_dir_beside(out)
         try:
             raw = model.module if hasattr(model, "module") else model
             raw.save_pretrained(tmp, state_dict=sd, dtype=dtype, atomic=False)
@@ -227,6 +232,7 @@ def find_checkpoint(out):
     last checkpoint only in out.old: it is moved back first (by rank 0), so the run's logs go on in place."""
     def complete(d):
         return os.path.isfile(os.path.join(d, "train_state.pt")) and os.path.isfile(os.path.join(d, "config.json"))
+    out = os.path.normpath(out)  # "out/sft/" is "out/sft", whose last checkpoint may be in out/sft.old
     if not os.path.exists(out) and complete(out + ".old") and (not is_dist() or dist.get_rank() == 0):
         os.rename(out + ".old", out)
     if is_dist():

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint,
-                    init_distributed, is_dist, load_model, log_metrics, lr_at, plan_steps, print0, resume,
+                    init_distributed, is_dist, load_model, log_metrics, lr_at, plan_steps, positive, print0, resume,
                     save_checkpoint, seed_everything, token_logprobs, write_json)
 from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_jsonl, rlvr_row
 from tokenizer import Tokenizer, tokenize_conversation
@@ -154,23 +154,23 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     p.add_argument("--gamma-beta-ratio", type=float, default=0.3, help="simpo's target margin gamma / beta")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO's label noise eps")
     # data
-    p.add_argument("--max-len", type=int, default=None, help="tokens per sequence (prompt + response), truncated")
+    p.add_argument("--max-len", type=positive, default=None, help="tokens per sequence (prompt + response), truncated")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
     p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end")
     p.add_argument("--eval-n", type=int, default=None, help="score only the first N held-out prompts")
-    p.add_argument("--eval-max-new-tokens", type=int, default=64, help="greedy tokens per held-out prompt")
+    p.add_argument("--eval-max-new-tokens", type=positive, default=64, help="greedy tokens per held-out prompt")
     # on-policy pairs (without --data)
     # 300 of the 1000 built-in preference prompts: one modest offline round, as Tülu 3's DPO is one epoch
     # on a fixed set; RLVR, which keeps sampling, then has room to add to it
-    p.add_argument("--n-prompts", type=int, default=300, help="built-in preference prompts to sample from")
-    p.add_argument("--samples-per-prompt", type=int, default=4)
+    p.add_argument("--n-prompts", type=positive, default=300, help="built-in preference prompts to sample from")
+    p.add_argument("--samples-per-prompt", type=positive, default=4)
     p.add_argument("--sample-temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive, default=64)
     # optimization
     p.add_argument("--epochs", type=float, default=None)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=None, help="pairs per optimizer step, all ranks")
-    p.add_argument("--micro-batch-size", type=int, default=None, help="pairs per forward (x2 sequences), per rank")
+    p.add_argument("--max-steps", type=positive, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=positive, default=None, help="pairs per optimizer step, all ranks")
+    p.add_argument("--micro-batch-size", type=positive, default=None, help="pairs per forward (x2 sequences), per rank")
     add_optim_args(p)  # --lr --schedule --warmup-ratio ... --save-every (shared: common.py)
     # checkpoints
     args = p.parse_args()

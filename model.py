@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -83,9 +82,12 @@ class LlamaConfig:
     def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
         """The config.json to write: the source one (unknown keys kept) with our fields and dtype."""
         name = str(dtype).removeprefix("torch.")
-        d = dict(self.hf) or {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                              "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-                              "initializer_range": 0.02, "bos_token_id": None, "eos_token_id": None}
+        d = dict(self.hf) or {"model_type": "llama", "hidden_act": "silu", "attention_bias": False,
+                              "mlp_bias": False, "initializer_range": 0.02, "bos_token_id": None, "eos_token_id": None}
+        # vLLM picks the model class by `architectures`; a config.json written by config.save_pretrained
+        # alone has none (from_hf reads a missing model_type as llama, so the output says so)
+        arch = d.setdefault("model_type", "llama")
+        d.setdefault("architectures", [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]])
         d.update(vocab_size=self.vocab_size, hidden_size=self.dim, num_hidden_layers=self.n_layers,
                  num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads,
                  head_dim=self.head_dim, intermediate_size=self.ffn_dim, rms_norm_eps=self.norm_eps,
@@ -374,10 +376,8 @@ class Llama(nn.Module):
                 cur, size = {}, 0
             cur[k], size = v, size + n
         shards.append(cur)
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
         if atomic:
-            tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path))
+            tmp = new_dir_beside(path)
         else:
             tmp = path
             os.makedirs(tmp, exist_ok=True)
@@ -404,15 +404,41 @@ class Llama(nn.Module):
             raise
 
 
+def new_dir_beside(path):
+    """An empty directory next to `path` to write its replacement into, for replace_dir. What a killed
+    earlier save left there is removed first (an 8B checkpoint is 16 GB or more). Made by os.makedirs,
+    so it gets the umask's mode as transformers' saves do (not mkdtemp's owner-only 0700, which would
+    keep a vLLM server or a teammate running as another user out of the checkpoint)."""
+    path = os.path.normpath(path)  # "out/sft/" is "out/sft"
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
 def replace_dir(tmp, path):
     """Moves a fully written directory `tmp` to `path`, replacing an existing one; the old one is
-    only deleted once the new one is in place, so a crash leaves either the old or the new."""
+    only deleted once the new one is in place, so a crash leaves either the old or the new. The new
+    files are flushed to disk (fsync) before the swap, so a power loss cannot leave a checkpoint in
+    place whose shards were still in the page cache."""
+    path = os.path.normpath(path)
+    for f in os.listdir(tmp):
+        fd = os.open(os.path.join(tmp, f), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     old = None
     if os.path.exists(path):
         old = path + ".old"
         shutil.rmtree(old, ignore_errors=True)
         os.rename(path, old)
     os.rename(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # the renames themselves
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     if old:
         shutil.rmtree(old, ignore_errors=True)
 

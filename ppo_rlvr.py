@@ -278,7 +278,7 @@ if __name__ == "__main__":
     from tqdm import tqdm
 
     from common import (add_optim_args, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint,
-                        full_state_dict, init_distributed, log_metrics, lr_at, optimizer_state, print0,
+                        full_state_dict, init_distributed, log_metrics, lr_at, optimizer_state, positive, print0,
                         resume, save_checkpoint, seed_everything, set_state, write_json)
     from data import DataError, encode_prompt, epoch_order, load_mixture, read_jsonl, rlvr_row
     from model import generate
@@ -300,13 +300,13 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
     # rollouts
-    p.add_argument("--steps", type=int, default=None, help="rollout batches (each: epochs x mini-batches updates)")
-    p.add_argument("--prompts-per-step", type=int, default=None, help="prompts per rollout batch, all ranks")
-    p.add_argument("--samples-per-prompt", type=int, default=None, help="n (default 1 for gae, 4 for grpo/rloo)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="response length limit")
-    p.add_argument("--max-prompt-len", type=int, default=None, help="prompts longer than this are dropped")
+    p.add_argument("--steps", type=positive, default=None, help="rollout batches (each: epochs x mini-batches updates)")
+    p.add_argument("--prompts-per-step", type=positive, default=None, help="prompts per rollout batch, all ranks")
+    p.add_argument("--samples-per-prompt", type=positive, default=None, help="n (default 1 for gae, 4 for grpo/rloo)")
+    p.add_argument("--max-new-tokens", type=positive, default=None, help="response length limit")
+    p.add_argument("--max-prompt-len", type=positive, default=None, help="prompts longer than this are dropped")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also used in training")
-    p.add_argument("--gen-batch-size", type=int, default=None, help="prompts per generate batch (default: all)")
+    p.add_argument("--gen-batch-size", type=positive, default=None, help="prompts per generate batch (default: all)")
     p.add_argument("--per-prompt-seed", action="store_true", help="sample each prompt's n responses with a "
                    "seed of their own: rollouts independent of the number of ranks (slower)")
     # reward and KL
@@ -322,15 +322,15 @@ if __name__ == "__main__":
     p.add_argument("--clip", type=float, default=None, help="policy ratio clip range epsilon")
     p.add_argument("--value-clip", type=float, default=None)
     p.add_argument("--vf-coef", type=float, default=None)
-    p.add_argument("--ppo-epochs", type=int, default=None)
-    p.add_argument("--mini-batches", type=int, default=None, help="optimizer steps per PPO epoch")
-    p.add_argument("--micro-batch-size", type=int, default=None, help="sequences per forward, per rank")
+    p.add_argument("--ppo-epochs", type=positive, default=None)
+    p.add_argument("--mini-batches", type=positive, default=None, help="optimizer steps per PPO epoch")
+    p.add_argument("--micro-batch-size", type=positive, default=None, help="sequences per forward, per rank")
     p.add_argument("--loss-norm", choices=["token", "sequence"], default="token")
     # optimization
     add_optim_args(p)  # --lr --schedule --warmup-ratio ... --save-every (shared: common.py)
     p.add_argument("--value-lr", type=float, default=None, help="default: --lr")
     # checkpoints and evaluation
-    p.add_argument("--eval-max-new-tokens", type=int, default=64)
+    p.add_argument("--eval-max-new-tokens", type=positive, default=64)
     p.add_argument("--eval-n", type=int, default=None, help="score only the first N held-out prompts (0: none)")
     args = p.parse_args()
 

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint,
-                    init_distributed, load_model, log_metrics, lr_at, plan_steps, print0, resume,
+                    init_distributed, load_model, log_metrics, lr_at, plan_steps, positive, print0, resume,
                     save_checkpoint, seed_everything, write_json)
 from data import DataError, encode_sft, epoch_order, load_mixture, pack_batch, pad_batch, sft_row
 
@@ -41,7 +41,7 @@ p.add_argument("--preset", choices=["tiny", "tulu3-8b"], default="tiny")
 p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
 p.add_argument("--seed", type=int, default=0)
 # data
-p.add_argument("--max-len", type=int, default=None)
+p.add_argument("--max-len", type=positive, default=None)
 p.add_argument("--drop-long", action="store_true", help="drop examples over --max-len instead of truncating")
 p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
 p.add_argument("--packing", action="store_true", help="padding-free packed micro-batches")
@@ -50,17 +50,17 @@ p.add_argument("--add-bos", action="store_true", help="prepend BOS to the chat t
 p.add_argument("--val-frac", type=float, default=None, help="share of each data file held out for validation loss")
 p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end")
 p.add_argument("--eval-n", type=int, default=None, help="score only the first N held-out prompts")
-p.add_argument("--eval-max-new-tokens", type=int, default=64, help="greedy tokens per held-out prompt (the tiny "
+p.add_argument("--eval-max-new-tokens", type=positive, default=64, help="greedy tokens per held-out prompt (the tiny "
                "tasks need 64; chain-of-thought answers such as GSM8K's need 512 or more)")
 # optimization
 p.add_argument("--epochs", type=float, default=None)
-p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-p.add_argument("--batch-size", type=int, default=None, help="examples per optimizer step, all ranks")
-p.add_argument("--micro-batch-size", type=int, default=None, help="examples per forward, per rank")
+p.add_argument("--max-steps", type=positive, default=None, help="stop after this many optimizer steps")
+p.add_argument("--batch-size", type=positive, default=None, help="examples per optimizer step, all ranks")
+p.add_argument("--micro-batch-size", type=positive, default=None, help="examples per forward, per rank")
 add_optim_args(p)  # --lr --schedule --warmup-ratio ... --save-every (shared: common.py)
 p.add_argument("--loss-reduction", choices=["sum", "mean"], default="sum")
 # logging and checkpoints
-p.add_argument("--eval-every", type=int, default=None, help="validation loss every N steps")
+p.add_argument("--eval-every", type=positive, default=None, help="validation loss every N steps")
 args = p.parse_args()
 
 # presets fill whatever was not given on the command line (see README: "Presets")

@@ -23,18 +23,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import cleanup, init_distributed, is_dist, print0, write_json  # noqa: F401 (cleanup: for the scripts)
+from common import cleanup, init_distributed, is_dist, positive, print0, write_json  # noqa: F401 (cleanup: for the scripts)
 from data import DataError, read_jsonl
 from model import Llama, generate
 from tokenizer import Tokenizer
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
-
-
-def positive(s):
-    if not s.isdigit() or int(s) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {s!r}")
-    return int(s)
 
 
 def parser(name, doc, max_new_tokens, data=True):

@@ -181,6 +181,21 @@ def test_packed_documents_equal_separate_forwards(tmp_path):
 
 
 @torch.no_grad()
+def test_config_without_architectures_gets_one(tmp_path):
+    # a config.json written by config.save_pretrained alone has no `architectures`, by which vLLM picks the
+    # model class: the saved checkpoint names it (and still loads in transformers as the same model)
+    src = str(tmp_path / "src")
+    hf = make_hf("qwen2", src)
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    del cfg["architectures"]
+    json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
+    out = str(tmp_path / "out")
+    Llama.from_pretrained(src).save_pretrained(out)
+    assert json.load(open(os.path.join(out, "config.json")))["architectures"] == ["Qwen2ForCausalLM"]
+    back = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(back).__name__ == "Qwen2ForCausalLM" and type(back) is type(hf)
+
+
 def test_saved_dtype_is_what_transformers_reads(tmp_path):
     # a transformers-5 bf16 checkpoint carries "dtype": "bfloat16"; saved by us in fp32 it must read as fp32
     # (and the other way round), whichever of dtype / torch_dtype the reader looks at
@@ -267,4 +282,4 @@ def test_atomic_save_keeps_old_checkpoint_on_failure(ckpt, tmp_path, monkeypatch
     with pytest.raises(OSError):
         model.save_pretrained(out)
     assert open(os.path.join(out, "model.safetensors"), "rb").read() == before
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+    assert not os.path.exists(tmp_path / ".out.tmp")  # the half-written temp directory is gone

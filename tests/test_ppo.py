@@ -313,6 +313,8 @@ def test_group_modes_raise_the_reward(tiny, tmp_path, mode):
     (("--temperature", 0), "--temperature must be > 0"),
     (("--kl-target", 1.0, "--beta", 0), "--kl-target adapts beta multiplicatively"),
     (("--advantage", "grpo", "--kl-estimator", "k1"), "k1 = logp - ref_logp has zero expected gradient"),
+    (("--max-new-tokens", 0), "argument --max-new-tokens: expected a whole number >= 1, got '0'"),
+    (("--ppo-epochs", "1.5"), "argument --ppo-epochs: expected a whole number >= 1, got '1.5'"),
 ])
 def test_settings_that_cannot_work_are_refused(tiny, tmp_path, extra, msg):
     base, path = tiny

@@ -207,7 +207,29 @@ def test_failed_save_keeps_last_checkpoint(tiny, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         common.save_checkpoint(out, model, tok)
     assert max_diff(before, weights(out)) == 0
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+    assert not os.path.exists(tmp_path / ".ck.tmp")  # the half-written temp directory is gone
+
+
+def test_checkpoint_dir_spelled_with_slash_readable_and_leftovers_removed(tiny, tmp_path):
+    # --out run/ (as shell completion writes it) saves and resumes like --out run; the directory gets the
+    # umask's mode as transformers' saves do (mkdtemp's 0700 would lock out a vLLM server run as another
+    # user); what a killed save left beside it is cleared by the next save
+    tok = Tokenizer.from_pretrained(tiny[0])
+    model = Llama.from_pretrained(tiny[0])
+    opt = torch.optim.AdamW(model.parameters())
+    out = str(tmp_path / "run") + "/"
+    (tmp_path / ".run.tmp").mkdir()
+    (tmp_path / ".run.tmp" / "model.safetensors").write_text("half")
+    umask = os.umask(0o022)
+    try:
+        for step in (1, 2):  # the second save replaces the first
+            common.save_checkpoint(out, model, tok, opt, {"step": step})
+    finally:
+        os.umask(umask)
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    assert os.stat(tmp_path / "run").st_mode & 0o777 == 0o755
+    assert common.find_checkpoint(out) == str(tmp_path / "run")
+    assert common.load_train_state(out, model, opt)["step"] == 2
 
 
 # -----------------------------------------------------------------------------
