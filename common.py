@@ -243,7 +243,9 @@ def find_checkpoint(out):
 def load_train_state(ckpt, model, optimizer):
     """Restores optimizer and RNG from ckpt/train_state.pt, and the fp32 master weights when the
     checkpoint's safetensors were saved rounded (bf16); returns the rest of the saved state."""
-    st = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)
+    # memory-mapped: at 8B the file holds ~96 GB (fp32 weights and Adam moments) and every rank opens it;
+    # mapped, they share the page cache, and only rank 0's tensors (broadcast from there) are ever read
+    st = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False, mmap=True)
     set_state(model, optimizer, st.get("model"), st["optimizer"])
     random.setstate(st["rng"]["python"])
     np.random.set_state(st["rng"]["numpy"])

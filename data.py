@@ -7,9 +7,9 @@ tokenization with assistant-only targets, and padded or packed batches.
                {"prompt": str | [messages], "chosen": str | [messages], "rejected": ...}
   RLVR         {"messages": [...], "ground_truth": ..., "dataset": "gsm8k" | "math" | "ifeval" | ...}
 
-Files may be .jsonl or .jsonl.gz; a mixture is "a.jsonl:1.0 b.jsonl:5000" (a float takes that
-fraction of a file, an int that many rows), like Tülu's dataset mixer. Bad input is one clear error
-naming file and line, or with skip_bad=True a counted skip reported by the caller.
+Files may be .jsonl or .jsonl.gz; a mixture is "a.jsonl:0.5 b.jsonl:5000" (up to 1 a fraction of the
+file, so 1 is all of it; a larger whole number that many rows), as Tülu's dataset mixer reads it. Bad
+input is one clear error naming file and line, or with skip_bad=True a counted skip reported by the caller.
 """
 import gzip
 import json
@@ -97,6 +97,8 @@ def pref_row(row, where):
     whole = lambda x: isinstance(x, list) and bool(x) and isinstance(x[0], dict) and x[0].get("role") != "assistant"  # noqa: E731
     if "prompt" in row and not (whole(c) and whole(r)):
         p = row["prompt"]
+        if not all(isinstance(x, (str, list)) for x in (p, c, r)):
+            raise DataError(f"{where}: prompt, chosen and rejected must each be a string or a list of messages")
         p = [{"role": "user", "content": p}] if isinstance(p, str) else p
         wrap = lambda x: [{"role": "assistant", "content": x}] if isinstance(x, str) else x  # noqa: E731
         c, r = p + wrap(c), p + wrap(r)
@@ -116,9 +118,12 @@ def rlvr_row(row, where):
     return {"messages": msgs, "ground_truth": row["ground_truth"], "dataset": row["dataset"]}
 
 
-def load_mixture(specs, parse, seed=0, skip_bad=False):
-    """specs: ["a.jsonl:1.0", "b.jsonl.gz:5000", "c.jsonl"]; parse: sft_row/pref_row/rlvr_row.
-    -> (rows, n_skipped). Fractions/counts are taken from a seeded shuffle of each file."""
+def load_mixture(specs, parse, seed=0, skip_bad=False, encode=None):
+    """specs: ["a.jsonl:0.5", "b.jsonl.gz:5000", "c.jsonl"]; parse: sft_row/pref_row/rlvr_row.
+    -> (rows, n_skipped). Fractions/counts are taken from a seeded shuffle of each file. `encode`
+    (tokenization) runs on the rows taken only; a ValueError from it (a conversation the chat template
+    refuses or renders unusably) makes the row bad like a malformed one: named by file:line, or with
+    skip_bad skipped and counted."""
     rows, skipped = [], 0
     for spec in specs:
         path, amount = spec, None
@@ -127,7 +132,7 @@ def load_mixture(specs, parse, seed=0, skip_bad=False):
         got, bad = [], [] if skip_bad else None
         for where, row in read_jsonl(path, bad):
             try:
-                got.append(parse(row, where))
+                got.append((where, parse(row, where)))
             except DataError:
                 if not skip_bad:
                     raise
@@ -135,14 +140,23 @@ def load_mixture(specs, parse, seed=0, skip_bad=False):
         skipped += len(bad or [])
         random.Random(seed).shuffle(got)
         if amount is not None:
-            try:
-                k = int(amount) if amount.isdigit() else round(float(amount) * len(got))
+            try:  # as open-instruct's mixer: up to 1 a fraction (":1" is the whole file), above it a row count
+                f = float(amount)
+                if not (0 <= f <= 1 or amount.isdigit()):
+                    raise ValueError
             except ValueError:
-                raise DataError(f"{spec}: the amount after ':' must be a row count or a fraction") from None
+                raise DataError(f"{spec}: the amount after ':' must be a fraction (0 to 1) or a row count") from None
+            k = round(f * len(got)) if f <= 1 else int(amount)
             if k > len(got):  # Tülu's mixer also refuses to invent rows
                 raise DataError(f"{spec}: asks for {k} rows, the file has {len(got)} usable rows")
             got = got[:k]
-        rows += got
+        for where, x in got:
+            try:
+                rows.append(x if encode is None else encode(x))
+            except ValueError as e:
+                if not skip_bad:
+                    raise DataError(f"{where}: {e}") from None
+                skipped += 1
     return rows, skipped
 
 

@@ -273,16 +273,12 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
             spec = [pairs_file]
         else:
             spec = args.data
-        rows, n_bad = load_mixture(spec, lambda row, where: (*pref_row(row, where), where), seed=args.seed,
-                                   skip_bad=args.skip_bad)
+        rows, n_bad = load_mixture(spec, pref_row, seed=args.seed, skip_bad=args.skip_bad,
+                                   encode=lambda cr: [encode_response(tok, m, args.max_len) for m in cr])
         if args.eval_prompts:
             held_out = [rlvr_row(r, w) for w, r in read_jsonl(args.eval_prompts)]
         pairs, lengths, n_drop = [], [], 0
-        for chosen, rejected, where in rows:
-            try:
-                c, r = encode_response(tok, chosen, args.max_len), encode_response(tok, rejected, args.max_len)
-            except ValueError as e:  # e.g. a chat template that is not prefix-stable
-                raise DataError(f"{where}: {e}") from None
+        for c, r in rows:
             if c is None or r is None:  # a response truncated away entirely: nothing to compare
                 n_drop += 1
                 continue

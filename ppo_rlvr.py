@@ -33,7 +33,8 @@ The other two modes change step 4 and drop the value model; everything else is r
         1. no value model, no GAE: the group mean is the baseline, the same for every token of a
            response (no credit assignment within a response);
         2. the group's spread replaces the batch whitening (a group whose scores are all equal gets
-           A = 0 and teaches nothing);
+           A = 0 and teaches nothing, though its tokens still count in the loss's normaliser and KL
+           term, as in TRL; open-instruct's grpo_fast drops such groups by default);
         3. no per-token reward shaping: the KL is a regulariser of the loss (k3 unless --kl-estimator).
   rloo  RLOO (Ahmadian et al. 2024; Kool et al. 2019). n samples per prompt; sequence reward
         R_i = s_i - beta * sum_t KL_t (the KL stays in the reward, as in Tülu's PPO and TRL's RLOO);
@@ -42,8 +43,8 @@ The other two modes change step 4 and drop the value model; everything else is r
         1. no value model, no GAE: the other samples of the same prompt are the baseline (unbiased,
            since they do not depend on sample i);
         2. no whitening: the advantages keep the reward's scale.
-Both keep PPO's ratio clipping and several epochs over a batch (with 1 epoch and 1 mini-batch the ratio
-is 1 and the update is the plain policy gradient).
+Both keep PPO's per-token ratio clipping and several epochs over a batch (with 1 epoch and 1 mini-batch
+the ratio is 1 and the update is the plain policy gradient; TRL's RLOO clips one ratio per sequence).
 
 Memory: the policy, the frozen reference and the value model are all resident, FSDP2-sharded alike (so
 each rank holds 1/world of each; the value model has no LM head). It starts from --value-ckpt: a causal
@@ -399,15 +400,17 @@ if __name__ == "__main__":
             _, _, rows, held_out = make_tasks(seed=args.seed)
             n_bad = 0
         else:
-            rows, n_bad = load_mixture(args.data, rlvr_row, seed=args.seed, skip_bad=args.skip_bad)
+            rows, n_bad = load_mixture(args.data, rlvr_row, seed=args.seed, skip_bad=args.skip_bad,
+                                       encode=lambda r: (r, encode_prompt(tok, r["messages"])))
+            rows, prompts = [r for r, _ in rows], [q for _, q in rows]
         if args.eval_prompts:
             held_out = [rlvr_row(r, w) for w, r in read_jsonl(args.eval_prompts)]
     except DataError as e:
         raise SystemExit(f"error: {e}")
     if held_out is not None and args.eval_n is not None:
         held_out = held_out[:args.eval_n] or None
-    # prompts are tokenized once, ending with the assistant header; generation continues from there
-    prompts = [encode_prompt(tok, r["messages"]) for r in rows]
+    if args.data is None:  # prompts are tokenized once, ending with the assistant header; generation goes on there
+        prompts = [encode_prompt(tok, r["messages"]) for r in rows]
     keep = [i for i, q in enumerate(prompts) if len(q) <= args.max_prompt_len]
     n_long = len(rows) - len(keep)
     rows, prompts = [rows[i] for i in keep], [prompts[i] for i in keep]

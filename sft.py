@@ -45,6 +45,8 @@ p.add_argument("--max-len", type=positive, default=None)
 p.add_argument("--drop-long", action="store_true", help="drop examples over --max-len instead of truncating")
 p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
 p.add_argument("--packing", action="store_true", help="padding-free packed micro-batches")
+p.add_argument("--chat-template", default=None, help="own: the checkpoint's (Tülu 3's if it has none); tulu: "
+               "Tülu 3's in any case (open-instruct's default); or a .jinja file. Saved with the output")
 p.add_argument("--add-bos", action="store_true", help="prepend BOS to the chat template (saved with the output): "
                "for base models pretrained with BOS whose template does not write it")
 p.add_argument("--val-frac", type=float, default=None, help="share of each data file held out for validation loss")
@@ -67,12 +69,12 @@ args = p.parse_args()
 PRESETS = {
     # the tiny default: a ~0.9M-parameter model from scratch, a few minutes on 2 CPU cores
     "tiny": dict(epochs=8, batch_size=32, micro_batch_size=32, lr=3e-3, schedule="cosine", warmup_ratio=0.05,
-                 max_len=256, save_dtype="fp32", val_frac=0.02, eval_every=50),
+                 max_len=256, save_dtype="fp32", val_frac=0.02, eval_every=50, chat_template="own"),
     # Tülu 3 8B SFT (open-instruct docs/tulu3.md): lr 5e-6 linear, warmup 0.03, wd 0, 2 epochs,
     # max length 4096, effective batch 128, sum loss
     # (Tülu trains on every row; ~0.1% is held out here for a validation loss every 500 steps)
     "tulu3-8b": dict(epochs=2, batch_size=128, micro_batch_size=1, lr=5e-6, schedule="linear", warmup_ratio=0.03,
-                     max_len=4096, save_dtype="bf16", val_frac=0.001, eval_every=500),
+                     max_len=4096, save_dtype="bf16", val_frac=0.001, eval_every=500, chat_template="tulu"),
 }
 for k, v in PRESETS[args.preset].items():
     if getattr(args, k) is None:
@@ -90,7 +92,11 @@ if args.ckpt is None and args.data is None:
     # the embedded default: built-in tasks, a tokenizer trained on their text, a model from scratch
     from tasks import make_base_checkpoint, make_tasks
     sft_rows, _, _, held_out = make_tasks(seed=args.seed)
-    args.ckpt = make_base_checkpoint(os.path.join(os.path.dirname(args.out) or ".", "base"), sft_rows, args.seed)
+    args.ckpt = os.path.join(os.path.dirname(os.path.normpath(args.out)) or ".", "base")
+    if rank == 0:  # one writer; the other ranks read it once it is complete
+        make_base_checkpoint(args.ckpt, sft_rows, args.seed)
+    if world > 1:
+        torch.distributed.barrier()
 elif args.ckpt is None or args.data is None:
     raise SystemExit("give both --ckpt and --data (or neither, for the built-in tiny default)")
 ckpt = args.ckpt
@@ -98,6 +104,10 @@ resumed = find_checkpoint(args.out) if args.resume else None
 if args.resume and resumed is None:
     print0(f"--resume: no checkpoint in {args.out}, starting fresh")
 tok = Tokenizer.from_pretrained(ckpt)
+try:
+    tok.use_chat_template(args.chat_template)
+except (OSError, ValueError) as e:
+    raise SystemExit(f"error: --chat-template: {e}")
 if args.add_bos:
     try:
         tok.add_bos()
@@ -109,13 +119,18 @@ model.train()
 # -----------------------------------------------------------------------------
 # data
 
+def encode(msgs):  # -> (ids, labels), or None: over --max-len with --drop-long, or nothing left to train on
+    return encode_sft(tok, msgs, args.max_len, truncate=not args.drop_long)
+
+
 try:
     if args.data is not None:  # one list per file: each gives its share of the validation rows
-        sources = [load_mixture([s], sft_row, seed=args.seed, skip_bad=args.skip_bad) for s in args.data]
+        sources = [load_mixture([s], sft_row, seed=args.seed, skip_bad=args.skip_bad, encode=encode)
+                   for s in args.data]
         n_bad = sum(k for _, k in sources)
         sources = [rows for rows, _ in sources]
     else:
-        sources, n_bad = [[r["messages"] for r in sft_rows]], 0
+        sources, n_bad = [[encode(r["messages"]) for r in sft_rows]], 0
     if args.eval_prompts:
         from data import rlvr_row, read_jsonl
         held_out = [rlvr_row(r, w) for w, r in read_jsonl(args.eval_prompts)]
@@ -123,14 +138,9 @@ except DataError as e:
     raise SystemExit(f"error: {e}")
 val, train, n_trunc, n_drop = [], [], 0, 0
 for rows in sources:
-    examples = []
-    for msgs in rows:
-        ex = encode_sft(tok, msgs, args.max_len, truncate=not args.drop_long)
-        if ex is None:
-            n_drop += 1
-            continue
-        n_trunc += len(ex[0]) == args.max_len
-        examples.append(ex)
+    examples = [ex for ex in rows if ex is not None]
+    n_drop += len(rows) - len(examples)
+    n_trunc += sum(len(ex[0]) == args.max_len for ex in examples)
     n_val = int(len(examples) * args.val_frac)  # the first rows of the file's seeded shuffle
     val, train = val + examples[:n_val], train + examples[n_val:]
 accum, steps_per_epoch, total, warmup = plan_steps(len(train), args, world, "training examples")

@@ -131,7 +131,7 @@ def make_base_checkpoint(path, sft_rows, seed=0, vocab_size=512, dim=128, n_laye
     the Tülu chat template) and a randomly initialised Llama, written as an HF checkpoint to `path`."""
     import torch
 
-    from model import Llama, LlamaConfig
+    from model import Llama, LlamaConfig, new_dir_beside, replace_dir
     from tokenizer import TULU_TEMPLATE, train_tokenizer
     from jinja2 import Template
 
@@ -145,6 +145,8 @@ def make_base_checkpoint(path, sft_rows, seed=0, vocab_size=512, dim=128, n_laye
     torch.manual_seed(seed)
     model = Llama(cfg)
     model.init_weights()
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    tmp = new_dir_beside(path)  # written whole, then swapped in: a reader never sees half a tokenizer
+    model.save_pretrained(tmp, atomic=False)
+    tok.save_pretrained(tmp)
+    replace_dir(tmp, path)
     return path

@@ -239,9 +239,29 @@ class Tokenizer:
             r = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if k in m), None)
             chat.append(m if r is None else {"thinking": r, **m, "reasoning_content": r})
         variables = {"tools": None, "documents": None, **self.special_tokens, **kwargs}
-        text = compile_template(self.chat_template).render(
-            messages=chat, add_generation_prompt=add_generation_prompt, **variables)
+        template = compile_template(self.chat_template)
+        try:
+            text = template.render(messages=chat, add_generation_prompt=add_generation_prompt, **variables)
+        except jinja2.exceptions.TemplateError as e:  # raise_exception("roles must alternate ...") and kin
+            raise ValueError(f"the chat template refuses this conversation: {e}") from None
         return self.encode(text) if tokenize else text
+
+    def use_chat_template(self, spec):
+        """spec: "own" keeps the checkpoint's template (Tülu's when it has none); "tulu" sets Tülu 3's
+        whatever the checkpoint has, as open-instruct's --chat_template_name tulu (its default) does; any
+        other value is a .jinja file to read. A template that does not compile is an error naming it."""
+        if spec == "own":
+            return
+        if spec == "tulu":
+            self.chat_template = TULU_TEMPLATE
+            return
+        with open(spec, encoding="utf-8") as f:
+            source = f.read()
+        try:
+            compile_template(source)
+        except jinja2.exceptions.TemplateSyntaxError as e:
+            raise ValueError(f"{spec}:{e.lineno}: not a jinja template: {e.message}") from None
+        self.chat_template = source
 
     def add_bos(self):
         """Prepends {{ bos_token }} to the chat template, open-instruct's --add_bos: for a base model

@@ -413,7 +413,13 @@ def test_bad_preference_data_is_one_clear_error(tiny, tmp_path, monkeypatch, cap
              "prompts": (good + "\n" + json.dumps(other) + "\n", ":2: chosen and rejected must share the same prompt"),
              "missing": (json.dumps({"chosen": other["chosen"]}) + "\n",
                          ":1: a preference row needs 'chosen' and 'rejected'"),
-             "empty": ("", ": empty file")}
+             "empty": ("", ": empty file"),
+             "types": (json.dumps({"prompt": 5, "chosen": "a", "rejected": "b"}) + "\n",
+                       ":1: prompt, chosen and rejected must each be a string or a list of messages"),
+             "template": (json.dumps({"chosen": [{"role": "assistant", "content": "a"}, *other["chosen"]],
+                                      "rejected": [{"role": "assistant", "content": "a"}, other["chosen"][0],
+                                                   other["rejected"][1]]}) + "\n",
+                          ":1: messages[0] is an assistant turn")}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no process group in the test process
     for name, (text, msg) in cases.items():
         path = tmp_path / f"{name}.jsonl"

@@ -251,6 +251,29 @@ def test_bad_rows(tmp_path, line, msg):
     assert (len(rows), skipped) == (1, 1)
 
 
+def test_rows_the_chat_template_cannot_train_on_are_bad_rows(tiny, tmp_path):
+    # tokenization errors (an assistant turn first, a template's raise_exception) name the file and line and
+    # --skip-bad skips them, as for malformed rows; only the rows a fraction takes are tokenized
+    tok = Tokenizer.from_pretrained(tiny[0])
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    bad = {"messages": [{"role": "assistant", "content": "b"}, {"role": "user", "content": "a"},
+                        {"role": "assistant", "content": "c"}]}
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (good, good, bad)) + "\n")
+    seen = []
+
+    def encode(msgs):
+        seen.append(msgs)
+        return data.encode_sft(tok, msgs, 64)
+    with pytest.raises(data.DataError, match=f"{path}:3: messages\\[0\\] is an assistant turn"):
+        data.load_mixture([str(path)], data.sft_row, encode=encode)
+    rows, skipped = data.load_mixture([str(path)], data.sft_row, skip_bad=True, encode=encode)
+    assert len(rows) == 2 and skipped == 1 and rows[0] == data.encode_sft(tok, good["messages"], 64)
+    seen.clear()
+    assert len(data.load_mixture([f"{path}:0.34"], data.sft_row, seed=1, skip_bad=True, encode=encode)[0]) <= 1
+    assert len(seen) == 1
+
+
 def test_undecodable_files(tmp_path):
     # a non-UTF-8 byte is a malformed line (named, skippable); a UTF-8 BOM is fine; a truncated .gz is an error
     good = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
@@ -282,6 +305,10 @@ def test_empty_file_and_cli_error(tiny, tmp_path):
     r = subprocess.run([sys.executable, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--add-bos", "--out",
                         str(tmp_path / "o")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == "error: --add-bos: the tokenizer has no bos_token to add"
+    r = subprocess.run([sys.executable, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--chat-template",
+                        str(tmp_path / "none.jinja"), "--out", str(tmp_path / "o")],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: --chat-template: [Errno 2]")
 
 
 def test_mixture_counts_fractions_and_gzip(tmp_path):
@@ -295,6 +322,11 @@ def test_mixture_counts_fractions_and_gzip(tmp_path):
     assert len(got) == 8
     with pytest.raises(data.DataError, match="asks for 11 rows"):
         data.load_mixture([f"{a}:11"], data.sft_row)
+    # as open-instruct's mixer reads it: up to 1 a fraction, so ":1" is the whole file, not one row
+    assert len(data.load_mixture([f"{a}:1"], data.sft_row)[0]) == 10
+    for bad in ("1.5", "-1", "x"):
+        with pytest.raises(data.DataError, match="must be a fraction \\(0 to 1\\) or a row count"):
+            data.load_mixture([f"{a}:{bad}"], data.sft_row)
 
 
 def test_preference_and_rlvr_rows():

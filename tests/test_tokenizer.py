@@ -406,6 +406,10 @@ def test_clear_errors(ckpts, tmp_path):
         Tokenizer.from_pretrained(str(d))
     with pytest.raises(ValueError, match="empty conversation"):
         Tokenizer.from_pretrained(path).apply_chat_template([])
+    tok = Tokenizer.from_pretrained(path)  # a template's raise_exception is a ValueError the data loaders name
+    tok.chat_template = "{% if messages[0].role != 'user' %}{{ raise_exception('roles must alternate') }}{% endif %}"
+    with pytest.raises(ValueError, match="the chat template refuses this conversation: roles must alternate"):
+        tok.apply_chat_template([{"role": "system", "content": "s"}])
 
 
 def test_named_chat_templates(ckpts, tmp_path):
@@ -427,6 +431,26 @@ def test_named_chat_templates(ckpts, tmp_path):
         else:
             with pytest.raises(ValueError, match="no 'default' one"):
                 Tokenizer.from_pretrained(str(d))
+
+
+def test_use_chat_template(ckpts, tmp_path):
+    # sft.py --chat-template: own keeps the checkpoint's, tulu forces Tülu 3's (open-instruct's default, and
+    # what a base model shipping its own template, Qwen2.5's ChatML, is trained with in Tülu 3), or a file
+    tok = Tokenizer.from_pretrained(ckpts["chatml"][0])
+    own = tok.chat_template
+    tok.use_chat_template("own")
+    assert tok.chat_template == own and own != TULU_TEMPLATE
+    tok.use_chat_template("tulu")
+    assert tok.chat_template == TULU_TEMPLATE
+    assert tok.apply_chat_template(CONVERSATIONS[0]).startswith("<|user|>\n")
+    (tmp_path / "t.jinja").write_text(own)
+    tok.use_chat_template(str(tmp_path / "t.jinja"))
+    assert tok.chat_template == own
+    (tmp_path / "bad.jinja").write_text("{% for m in messages %}\n{{ m.content }}\n")
+    with pytest.raises(ValueError, match=r"bad.jinja:\d+: not a jinja template: Unexpected end of template"):
+        tok.use_chat_template(str(tmp_path / "bad.jinja"))
+    with pytest.raises(FileNotFoundError):
+        tok.use_chat_template(str(tmp_path / "missing.jinja"))
 
 
 def test_add_bos(ckpts, tmp_path):
