@@ -442,7 +442,7 @@ def test_use_chat_template(ckpts, tmp_path):
     assert tok.chat_template == own and own != TULU_TEMPLATE
     tok.use_chat_template("tulu")
     assert tok.chat_template == TULU_TEMPLATE
-    assert tok.apply_chat_template(CONVERSATIONS[0]).startswith("<|user|>\n")
+    assert tok.apply_chat_template(CONVERSATIONS[0]).startswith("<|system|>\nYou are a terse assistant.\n<|user|>")
     (tmp_path / "t.jinja").write_text(own)
     tok.use_chat_template(str(tmp_path / "t.jinja"))
     assert tok.chat_template == own
