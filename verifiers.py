@@ -70,7 +70,7 @@ def _guarded(name, fn, response, *args, default=0.0):
 
 # open-instruct's (fixed) regex: a sign, then a decimal or an integer. The Tülu 3 original
 # r"[-+]?\d*\.\d+|\d+" attached the sign to decimals only, so "-3" was read as "3".
-_NUMBER = re.compile(r"[-+]?(?:\d*\.\d+|\d+)")
+_NUMBER = re.compile(r"[-+]?(?:\d*\.\d+|\d+)", re.ASCII)  # ASCII digits: "١٢" is no 12 to a string compare
 
 
 def gsm8k_gold(ground_truth):
@@ -87,7 +87,7 @@ def gsm8k_gold(ground_truth):
 
 def _gsm8k(response, gold):
     # Drop thousands commas between digits, then take the last number: "$1,200." -> "1200".
-    nums = _NUMBER.findall(re.sub(r"(\d),(\d)", r"\1\2", response))
+    nums = _NUMBER.findall(re.sub(r"(\d),(\d)", r"\1\2", response, flags=re.ASCII))
     return float(bool(nums) and decimal.Decimal(nums[-1]) == gold)  # numeric: "18.00" == "18"
 
 
@@ -356,7 +356,7 @@ _SEP = (r"(?:\s|" + "|".join(re.escape(x) for x in _SKIPPED_SYMBOLS) + r"|\\(?:"
 # prediction decides: "1.5 2.5" and "1.52,000" are products, "3.14." is 3.1
 _TEX_NUMBER = (rf"\d(?:{_SEP}\d)*(?:{_SEP},{_SEP}\d{_SEP}\d{_SEP}\d)*"
                rf"(?:{_SEP}\.{_SEP}\d(?:{_SEP}\d(?!{_SEP}(?:\.|,{_SEP}\d{_SEP}\d{_SEP}\d)))*)?")
-_TEX_TOKEN = re.compile(rf"\\[a-zA-Z]+|\\.|d(?:[a-zA-Z]|\\[a-zA-Z]+)|{_TEX_NUMBER}|.", re.S)
+_TEX_TOKEN = re.compile(rf"\\[a-zA-Z]+|\\.|d(?:[a-zA-Z]|\\[a-zA-Z]+)|{_TEX_NUMBER}|.", re.S | re.ASCII)
 
 
 class _NoParse(Exception):
@@ -382,7 +382,7 @@ class _TexParser:
                 if x.isspace() or x[1:] in _SKIPPED or x in _SKIPPED_SYMBOLS:
                     i = m.end()
                     continue
-                kind = ("num" if x[0].isdigit() else
+                kind = ("num" if x[0] in "0123456789" else
                         "sym" if x[0].isalpha() else "cmd" if x[0] == "\\" and x[1:].isalpha() else "op")
                 if kind == "op" and x not in "+-*/:^_!|()[]{},'=<>." and x not in ("\\{", "\\}"):
                     raise ValueError(f"unknown character {x!r}")  # the reference's lexer error

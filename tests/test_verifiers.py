@@ -236,6 +236,12 @@ def test_parser_reads_numbers_as_parse_latex(s):
     assert (None if ours is None else sympy.simplify(V._to_sympy(ours, sympy))) == ref
 
 
+def test_only_ascii_digits_are_numbers():
+    # the references compare strings (GSM8K) or lex [0-9] (parse_latex): Arabic-Indic digits are no number
+    assert V.gsm8k("The answer is \u0661\u0662", "#### 12") == 0.0 and V.gsm8k("The answer is 12", "#### 12") == 1.0
+    assert V.latex_ast("\u0661\u0662") is None and V.latex_ast("12") == ["num", "12"]
+
+
 def test_separated_digits_and_leading_zeros_score_as_the_reference():
     # "10\,000" was 10 x 000 = 0; Minerva's normalisation turns the gold "0,1" into "01", which the
     # reference cannot parse (so a bare "1" is not it)
