@@ -157,7 +157,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     p.add_argument("--max-len", type=positive, default=None, help="tokens per sequence (prompt + response), truncated")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
     p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end")
-    p.add_argument("--eval-n", type=int, default=None, help="score only the first N held-out prompts")
+    p.add_argument("--eval-n", type=int, default=None, help="score only the first N held-out prompts (0: none)")
     p.add_argument("--eval-max-new-tokens", type=positive, default=64, help="greedy tokens per held-out prompt")
     # on-policy pairs (without --data)
     # 300 of the 1000 built-in preference prompts: one modest offline round, as Tülu 3's DPO is one epoch
@@ -357,7 +357,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     # baseline accuracy on the held-out prompts: the SFT run's own eval.json when it scored these
     # prompts (the built-in held-out set of the same seed) with the same decoding, else the start model
     if held_out is not None and args.eval_n is not None:
-        held_out = held_out[:args.eval_n]
+        held_out = held_out[:args.eval_n] or None  # --eval-n 0: no evaluation
     if held_out is not None:
         sft_eval, sft_args = os.path.join(args.ckpt, "eval.json"), os.path.join(args.ckpt, "args.json")
         if builtin and os.path.isfile(sft_eval) and os.path.isfile(sft_args):

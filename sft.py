@@ -51,7 +51,7 @@ p.add_argument("--add-bos", action="store_true", help="prepend BOS to the chat t
                "for base models pretrained with BOS whose template does not write it")
 p.add_argument("--val-frac", type=float, default=None, help="share of each data file held out for validation loss")
 p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end")
-p.add_argument("--eval-n", type=int, default=None, help="score only the first N held-out prompts")
+p.add_argument("--eval-n", type=int, default=None, help="score only the first N held-out prompts (0: none)")
 p.add_argument("--eval-max-new-tokens", type=positive, default=64, help="greedy tokens per held-out prompt (the tiny "
                "tasks need 64; chain-of-thought answers such as GSM8K's need 512 or more)")
 # optimization
@@ -235,8 +235,9 @@ for step in bar:
 
 save_checkpoint(args.out, model, tok, opt, {"step": total, "args": vars(args)}, dtype=save_dtype)
 write_json(os.path.join(args.out, "args.json"), vars(args))
+if held_out is not None and args.eval_n is not None:
+    held_out = held_out[:args.eval_n] or None  # --eval-n 0: no evaluation
 if held_out is not None:
-    held_out = held_out[:args.eval_n] if args.eval_n is not None else held_out
     res = evaluate(model, tok, held_out, max_new_tokens=args.eval_max_new_tokens)
     write_json(os.path.join(args.out, "eval.json"), {**res, "max_new_tokens": args.eval_max_new_tokens})
     print0(f"held-out accuracy {res['accuracy']:.3f} on {res['n']} prompts: "
