@@ -137,7 +137,10 @@ def add_optim_args(p):
     p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default=None)
     p.add_argument("--warmup-ratio", type=float, default=None)
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    # 1.0 is what Tülu 3's runs clipped at: open-instruct's own --clip_grad_norm is off (-1), but its DeepSpeed
+    # config says "gradient_clipping": "auto", which accelerate's _prepare_deepspeed fills with 1.0
+    p.add_argument("--grad-clip", type=lambda s: float(s) if float(s) > 0 else math.inf, default=1.0,
+                   help="max global gradient norm (0: off; the norm is logged either way)")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (training "
                    "forward and backward; generation stays eager)")

@@ -339,3 +339,15 @@ def test_preference_and_rlvr_rows():
     assert row["dataset"] == "gsm8k"
     with pytest.raises(data.DataError, match="needs 'ground_truth'"):
         data.rlvr_row({"messages": [{"role": "user", "content": "q"}]}, "f:9")
+
+
+def test_grad_clip_zero_turns_clipping_off():
+    # clip_grad_norm_(max_norm=0) would zero every gradient: 0 means no clipping, the norm still measured
+    import argparse
+    p = argparse.ArgumentParser()
+    common.add_optim_args(p)
+    assert p.parse_args([]).grad_clip == 1.0
+    w = torch.nn.Parameter(torch.zeros(3))
+    w.grad = torch.full((3,), 10.0)
+    norm = torch.nn.utils.clip_grad_norm_([w], p.parse_args(["--grad-clip", "0"]).grad_clip)
+    assert norm.item() == pytest.approx(300 ** 0.5) and w.grad.tolist() == [10.0] * 3
