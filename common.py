@@ -130,6 +130,16 @@ def positive(s):
     return int(s)
 
 
+def max_norm(s):
+    """argparse type of --grad-clip: 0 (or less) is no clipping, an infinite max norm (clip_grad_norm_ with 0
+    would zero every gradient)."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    return v if v > 0 else math.inf
+
+
 def add_optim_args(p):
     """The optimizer, schedule and checkpoint flags that sft.py, dpo.py and ppo_rlvr.py share; each
     script's preset fills the ones left at None."""
@@ -139,7 +149,7 @@ def add_optim_args(p):
     p.add_argument("--weight-decay", type=float, default=0.0)
     # 1.0 is what Tülu 3's runs clipped at: open-instruct's own --clip_grad_norm is off (-1), but its DeepSpeed
     # config says "gradient_clipping": "auto", which accelerate's _prepare_deepspeed fills with 1.0
-    p.add_argument("--grad-clip", type=lambda s: float(s) if float(s) > 0 else math.inf, default=1.0,
+    p.add_argument("--grad-clip", type=max_norm, default=1.0,
                    help="max global gradient norm (0: off; the norm is logged either way)")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (training "
