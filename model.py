@@ -416,29 +416,29 @@ def new_dir_beside(path):
     return tmp
 
 
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def replace_dir(tmp, path):
     """Moves a fully written directory `tmp` to `path`, replacing an existing one; the old one is
     only deleted once the new one is in place, so a crash leaves either the old or the new. The new
     files are flushed to disk (fsync) before the swap, so a power loss cannot leave a checkpoint in
     place whose shards were still in the page cache."""
     path = os.path.normpath(path)
-    for f in os.listdir(tmp):
-        fd = os.open(os.path.join(tmp, f), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    for f in [os.path.join(tmp, f) for f in os.listdir(tmp)] + [tmp]:  # the files, then their directory entries
+        _fsync(f)
     old = None
     if os.path.exists(path):
         old = path + ".old"
         shutil.rmtree(old, ignore_errors=True)
         os.rename(path, old)
     os.rename(tmp, path)
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # the renames themselves
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(os.path.dirname(os.path.abspath(path)))  # the renames themselves
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
