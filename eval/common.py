@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import cleanup, init_distributed, is_dist, positive, print0, write_json  # noqa: F401 (cleanup: for the scripts)
+# cleanup and positive: for the benchmark scripts
+from common import cleanup, init_distributed, is_dist, positive, print0, write_json  # noqa: F401
 from data import DataError, read_jsonl
 from model import Llama, generate
 from tokenizer import Tokenizer
