@@ -13,6 +13,9 @@ stored dX and dW by the upstream gradient: _scale_kernel reads it on the device 
 
 The chunk (C = CHUNK_BYTES / (V * 2) = 1024 rows at V=128256 in bf16) bounds the extra memory; dW's running sum
 is kept in the weight's dtype (bf16 on GPU, like Liger's default): an fp32 one would cost 2.1 GB at Llama-3 size.
+A bf16 sum is rounded once per chunk, and its error grows with their number (5x eager bf16's at 47 chunks, in
+tests/test_kernels.py): beyond MAX_CHUNKS chunks (16k tokens at V=128256) a call with gradients takes the
+log-probs op instead, which writes dW once per vocabulary slab and sums dX in fp32, at 8NHV instead of 6NHV.
 With reduction="mean" and no valid target at all, the loss is 0 with zero gradients (not 0/0 = nan).
 The reference is -logprobs_ref summed, which recomputes in backward.
 """
@@ -20,6 +23,8 @@ import torch
 
 from kernels import logprobs as lp
 from kernels.logprobs import row_max_sumexp, tl, triton
+
+MAX_CHUNKS = 16  # most chunks dW is summed over in bf16 (16k tokens per call at V=128256)
 
 
 @triton.jit
@@ -111,9 +116,14 @@ def fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduc
         raise ValueError(f"fused_linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
     y = lp.check("fused_linear_cross_entropy", hidden, weight, targets, ignore_index)
     x, w = hidden.contiguous(), weight.contiguous()
-    if not lp.use_triton(x) or x.shape[0] == 0:
-        loss = -lp._LogProbsRef.apply(x, w, y, 1.0, ignore_index, False)[0].sum()
+    grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    chunks = -(-x.shape[0] // lp.fit(lp.CHUNK_BYTES // (w.shape[0] * w.element_size())))
+    if not lp.use_triton(x) or x.shape[0] == 0 or (grad and x.dtype != torch.float32 and chunks > MAX_CHUNKS):
+        # (past MAX_CHUNKS chunks: the log-probs op, whose dW is written once per vocab slab)
+        logp = (lp._LogProbsRef.apply(x, w, y, 1.0, ignore_index, False)[0] if not lp.use_triton(x) else
+                lp.fused_linear_logprobs(x, w, y, ignore_index=ignore_index))
+        loss = -logp.sum()
         return loss / (y != ignore_index).sum().clamp(min=1) if reduction == "mean" else loss
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+    if grad:
         return _CrossEntropy.apply(x, w, y, ignore_index, reduction)
     return _ce(x, w, y, ignore_index, reduction, False, False)[0]

@@ -15,7 +15,7 @@ GEMM on the machine, and small Triton kernels do the row-wise softmax work in on
   backward: for each slab, last one first (its logits are still in the buffer, so it is not recomputed):
             z recomputed, _dz_slab_kernel writes dz = g * (onehot - softmax(z/T)) / T in place,
             dW[v0:v1] = dz.T @ hidden   (written once: slabs split the vocabulary, so dW needs no running sum)
-            dX       += dz @ weight[v0:v1]   (N, H), the only running sum               6NHV FLOPs
+            dX       += dz @ weight[v0:v1]   (N, H), the only running sum, kept in fp32   6NHV FLOPs
 The per-token upstream gradient g is folded into dz *before* dW sums over tokens (a per-token weighting
 can not be applied to a finished dW). 8NHV in total; the grad-in-forward cross-entropy (cross_entropy.py)
 needs only 6NHV but works for a scalar loss only.
@@ -23,6 +23,8 @@ needs only 6NHV but works for a scalar loss only.
 _LogProbsRef is the PyTorch reference: the same maths chunked over tokens in fp32 (fp64 for fp64 inputs),
 recomputing the logits in backward. It is the CPU path and the tests' second subject.
 
+Extra memory: the CHUNK_BYTES logits buffer, kept from forward to backward, plus in backward the fp32 sum of dX
+(N x H x 4 bytes: 128 MiB at N=8192, H=4096) for bf16/fp16 inputs.
 NOTE the slab width is CHUNK_BYTES / (N * 2): beyond ~32k tokens per call the slabs get narrow and dX's running
 sum (N x H read and written per slab) starts to cost; split such batches into calls of <= 16k tokens.
 The public ops are opaque to torch.compile (torch.compiler.disable): a compiled model calls them eagerly.
@@ -193,6 +195,10 @@ def _bwd(x, w, y, lse, g, T, ignore_index, kept, vs, need_dx, need_dw):
     N, V = x.shape[0], w.shape[0]
     dx = torch.empty_like(x) if need_dx else None
     dw = torch.empty_like(w) if need_dw else None
+    # dX is a sum over the V / vs slabs: in bf16 it would be rounded once per slab (63 times at N=64k, where
+    # its error grows to 5x eager's). The sum is kept in fp32 (N x H x 4 bytes), each slab's product rounded
+    # once into dx, which serves as the scratch; fp32 inputs sum in place.
+    acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_dx and x.dtype != torch.float32 else dx
     buf = kept if kept is not None else x.new_empty(N * vs)
     for k, (v0, v1) in enumerate(reversed(slabs(V, vs))):
         z = buf[: N * (v1 - v0)].view(N, v1 - v0)
@@ -204,8 +210,12 @@ def _bwd(x, w, y, lse, g, T, ignore_index, kept, vs, need_dx, need_dw):
                               BLOCK=BLOCK, num_warps=warps)
         if dw is not None:
             torch.mm(z.t(), x, out=dw[v0:v1])  # (vs, H), fp32 accumulation inside cuBLAS, one rounding
-        if dx is not None:  # (N, H) running sum over slabs in the input dtype (bf16 on GPU, as Liger's dW)
+        if acc is not dx:  # (N, H) this slab's product (fp32 inside cuBLAS, one rounding), summed in fp32
+            acc.add_(torch.mm(z, w[v0:v1], out=dx))
+        elif dx is not None:
             torch.mm(z, w[v0:v1], out=dx) if k == 0 else dx.addmm_(z, w[v0:v1])
+    if acc is not dx:
+        dx.copy_(acc)
     return dx, dw
 
 

@@ -17,8 +17,10 @@ from kernels import logprobs as lp
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 IGNORE = -100
 # (N, H, V, temperature, ignored rows, logits, chunk bytes): odd sizes; a 16 MiB chunk forces ~13 vocab slabs
-# for log-probs and 160-row chunks for cross-entropy
+# for log-probs and 160-row chunks for cross-entropy; 2 MiB ("many") ~98 slabs, whose dX sum stays in fp32, and
+# 128 cross-entropy chunks, past MAX_CHUNKS (so the log-probs op computes the gradient)
 CASES = {
+    "many":    (2047, 1040, 50257, 0.7, "some", "normal", 2 * 2**20),
     "plain":   (2047, 1040, 50257, 1.0, "none", "normal", 256 * 2**20),
     "slabs":   (2047, 1040, 50257, 0.7, "some", "normal", 16 * 2**20),
     "large":   (1531, 1000, 32003, 1.5, "some", "large", 16 * 2**20),
