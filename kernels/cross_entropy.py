@@ -33,11 +33,13 @@ def _ce_row_kernel(z_ptr, y_ptr, nll_ptr, scale_ptr, stride, n_cols, ignore_inde
     # one program per token row i of a (C, V) chunk of logits
     i = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + i * stride
-    m, s, _ = row_max_sumexp(z_row, n_cols, 1.0, BLOCK, False)  # pass 1: log-sum-exp over the vocabulary, fp32
-    lse = m + tl.log(s)
     y = tl.load(y_ptr + i)
     valid = y != ignore_index
-    zy = tl.load(z_row + y, mask=valid, other=0.0).to(tl.float32)  # read before pass 2 overwrites it
+    # the target logit, read before pass 1: its reductions synchronise the warps, so no warp can have begun
+    # pass 2's in-place writes (which overwrite it) while another still reads it
+    zy = tl.load(z_row + y, mask=valid, other=0.0).to(tl.float32)
+    m, s, _ = row_max_sumexp(z_row, n_cols, 1.0, BLOCK, False)  # pass 1: log-sum-exp over the vocabulary, fp32
+    lse = m + tl.log(s)
     tl.store(nll_ptr + i, tl.where(valid, lse - zy, 0.0))
     if HAS_GRAD:
         # pass 2: d loss / d z = scale * (softmax - onehot), 0 on ignored rows; scale = 1 or 1/n_valid
@@ -66,9 +68,10 @@ def _ce(x, w, y, ignore_index, reduction, need_dx, need_dw):
     C = min(N, lp.fit(lp.CHUNK_BYTES // (V * x.element_size())))
     buf = x.new_empty(C * V)  # the only large allocation: C x V logits in the input dtype
     n_valid = (y != ignore_index).sum()  # stays on the device: no sync
-    scale = (1.0 / n_valid.clamp(min=1).float()) if reduction == "mean" else torch.ones((), device=x.device)
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    scale = (1.0 / n_valid.clamp(min=1).float()) if reduction == "mean" else one
     scale = scale.reshape(1)
-    nll = torch.empty(N, device=x.device)  # (N,) fp32
+    nll = torch.empty(N, dtype=torch.float32, device=x.device)  # (N,)
     dx = torch.empty_like(x) if need_dx else None
     dw = torch.empty_like(w) if need_dw else None
     BLOCK, warps = lp.block_for(V)

@@ -175,8 +175,8 @@ def _fwd(x, w, y, T, ignore_index, keep, sq=False):
     N, V = x.shape[0], w.shape[0]
     vs = min(V, fit(CHUNK_BYTES // (N * x.element_size())))
     buf = x.new_empty(N * vs)  # the only large allocation: N x vs logits in the input dtype
-    m = torch.full((N,), float("-inf"), device=x.device)  # (N,) fp32 running max, sums of exp and exp^2,
-    s, q, zy = (torch.zeros(N, device=x.device) for _ in range(3))  # target logit
+    m = torch.full((N,), float("-inf"), dtype=torch.float32, device=x.device)  # (N,) running max, sums of exp
+    s, q, zy = (torch.zeros(N, dtype=torch.float32, device=x.device) for _ in range(3))  # and exp^2, target logit
     for v0, v1 in slabs(V, vs):
         z = buf[: N * (v1 - v0)].view(N, v1 - v0)
         torch.mm(x, w[v0:v1].t(), out=z)  # (N, vs) logits, cuBLAS
