@@ -9,6 +9,7 @@ CPU process the model is a plain fp32 module (no process group), on CUDA it is a
 params fp32 (master weights), compute in bf16, gradient reduction in fp32.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -210,8 +211,10 @@ def token_logprobs(model, input_ids, targets, temperature=1.0, **fw):
 def save_checkpoint(out, model, tokenizer, optimizer=None, state=None, dtype=None):
     """Writes `out` as an HF checkpoint (config, safetensors, tokenizer) plus, for resuming,
     train_state.pt (optimizer, step, data position, RNG, ...). Atomic: everything is written to a
-    temp dir, the run's logs are copied in, and the directory is swapped in whole, so a crash
-    mid-save leaves the last good checkpoint. Collective under FSDP: every rank must call it."""
+    temp dir, the .json/.jsonl files already in `out` are copied in (the run's metrics.jsonl, DPO's
+    pairs.jsonl, PPO's start_eval.json; resume() clears an earlier run's eval.json on a fresh start), and
+    the directory is swapped in whole, so a crash mid-save leaves the last good checkpoint. Collective
+    under FSDP: every rank must call it."""
     sd = full_state_dict(model)
     osd = optimizer_state(model, optimizer) if optimizer is not None else None
     if not is_dist() or dist.get_rank() == 0:
@@ -269,10 +272,14 @@ def load_train_state(ckpt, model, optimizer):
 def resume(resumed, out, model, optimizer):
     """The saved state to continue from: load_train_state's when `resumed` is a checkpoint, {"step": 0}
     for a fresh run. Either way the metrics rows logged at or after that step are dropped: they are
-    about to be redone (all of them, for a fresh run)."""
+    about to be redone (all of them, for a fresh run, which also drops an earlier run's eval.json)."""
     st = load_train_state(resumed, model, optimizer) if resumed else {"step": 0}
     if resumed:
         print0(f"resumed from {resumed} at step {st['step']}")
+    elif not is_dist() or dist.get_rank() == 0:  # an earlier run's results in this directory are not this run's
+        for f in ("eval.json", "start_eval.json"):
+            if os.path.isfile(os.path.join(out, f)):
+                os.remove(os.path.join(out, f))
     trim_metrics(out, st["step"])
     return st
 
@@ -361,4 +368,20 @@ def evaluate(model, tok, rows, max_new_tokens=64, batch_size=256, desc="eval", p
     score = all_reduce(score)
     per = {n: {"accuracy": (c / max(k, 1)).item(), "n": int(k)} for n, (c, k) in zip(names, score)}
     total = score.sum(0)
-    return {"accuracy": (total[0] / max(total[1], 1)).item(), "n": int(total[1]), "per_task": per}
+    return {"accuracy": (total[0] / max(total[1], 1)).item(), "n": int(total[1]), "per_task": per,
+            "max_new_tokens": max_new_tokens, "prompts": prompts_key(rows)}
+
+
+def prompts_key(rows):
+    """Fingerprint of held-out RLVR rows (messages, answers, datasets): which prompts an eval.json scored."""
+    blob = json.dumps([[r["messages"], r["ground_truth"], r["dataset"]] for r in rows], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def earlier_eval(path, rows, max_new_tokens):
+    """The evaluation saved at `path` (a stage's eval.json) if it scored exactly these rows with this many new
+    tokens, else None: a later stage takes its starting point's accuracy from it instead of decoding again."""
+    if not os.path.isfile(path):
+        return None
+    got = json.load(open(path))
+    return got if got.get("prompts") == prompts_key(rows) and got.get("max_new_tokens") == max_new_tokens else None

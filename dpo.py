@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint,
-                    init_distributed, is_dist, load_model, log_metrics, lr_at, plan_steps, positive, print0, resume,
-                    save_checkpoint, seed_everything, token_logprobs, write_json)
+from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, cleanup, earlier_eval, evaluate,
+                    find_checkpoint, init_distributed, is_dist, load_model, log_metrics, lr_at, plan_steps, positive,
+                    print0, resume, save_checkpoint, seed_everything, token_logprobs, write_json)
 from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_jsonl, rlvr_row
 from tokenizer import Tokenizer, tokenize_conversation
 
@@ -177,7 +177,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
 
     # presets fill whatever was not given on the command line
     PRESETS = {
-        # the tiny default: on-policy pairs from the tiny SFT model, about 2 minutes on 2 CPU cores
+        # the tiny default: on-policy pairs from the tiny SFT model, about half a minute on 2 CPU cores
         "tiny": dict(loss_type="dpo_norm", epochs=2, batch_size=32, micro_batch_size=32, lr=1e-4,
                      schedule="linear", warmup_ratio=0.1, max_len=256, save_dtype="fp32"),
         # Tülu 3 8B DPO (open-instruct docs/tulu3.md): dpo_norm, beta 5, lr 5e-7 linear, warmup 0.1, wd 0,
@@ -354,20 +354,13 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
                 os.replace(cache + ".tmp", cache)
             print0(f"reference log-probs: {N} pairs in {time.time() - t0:.0f}s, cached in {cache}")
 
-    # baseline accuracy on the held-out prompts: the SFT run's own eval.json when it scored these
-    # prompts (the built-in held-out set of the same seed) with the same decoding, else the start model
+    # baseline accuracy on the held-out prompts: the SFT run's own eval.json when it scored these very
+    # prompts with the same decoding, else the start model evaluated now
     if held_out is not None and args.eval_n is not None:
         held_out = held_out[:args.eval_n] or None  # --eval-n 0: no evaluation
     if held_out is not None:
-        sft_eval, sft_args = os.path.join(args.ckpt, "eval.json"), os.path.join(args.ckpt, "args.json")
-        if builtin and os.path.isfile(sft_eval) and os.path.isfile(sft_args):
-            a = json.load(open(sft_args))
-            if (a.get("seed") == args.seed and a.get("data") is None and a.get("eval_prompts") is None
-                    and a.get("eval_n") == args.eval_n
-                    and a.get("eval_max_new_tokens", 64) == args.eval_max_new_tokens):
-                baseline = json.load(open(sft_eval))
-        if baseline is None:
-            baseline = evaluate(model, tok, held_out, max_new_tokens=args.eval_max_new_tokens)
+        baseline = (earlier_eval(os.path.join(args.ckpt, "eval.json"), held_out, args.eval_max_new_tokens)
+                    or evaluate(model, tok, held_out, max_new_tokens=args.eval_max_new_tokens))
 
     # -----------------------------------------------------------------------------
     # training loop
@@ -421,8 +414,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     write_json(os.path.join(args.out, "args.json"), vars(args))
     if held_out is not None:
         res = evaluate(model, tok, held_out, max_new_tokens=args.eval_max_new_tokens)
-        write_json(os.path.join(args.out, "eval.json"),
-                   {**res, "max_new_tokens": args.eval_max_new_tokens, "start": baseline})
+        write_json(os.path.join(args.out, "eval.json"), {**res, "start": baseline})
         fmt = lambda r: f"{r['accuracy']:.3f} (" + ", ".join(  # noqa: E731
             f"{k} {v['accuracy']:.3f}" for k, v in r["per_task"].items()) + ")"
         print0(f"held-out accuracy on {res['n']} prompts: start {fmt(baseline)} -> dpo {fmt(res)}")

@@ -7,7 +7,8 @@ The Tülu-in-miniature: SFT -> DPO -> RLVR on the built-in tasks, then the held-
 
 Each stage is the plain script (`python sft.py`, `python dpo.py`, `python ppo_rlvr.py`), run with the
 same --seed so that every stage is scored on the same held-out prompts with the same greedy decoding.
-Extra arguments for a stage go after --sft-args / --dpo-args / --rl-args, e.g. --dpo-args "--beta 0.2".
+Extra arguments for a stage go after --sft-args / --dpo-args / --rl-args, e.g. --dpo-args "--beta 0.2"
+(a single flag needs the = form: --dpo-args=--compile). Every stage must keep its evaluation (no --eval-n 0).
 """
 import argparse
 import json

@@ -274,13 +274,11 @@ class ValueModel(nn.Module):
 # the script
 
 if __name__ == "__main__":
-    import json
-
     from tqdm import tqdm
 
-    from common import (add_optim_args, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint,
-                        full_state_dict, init_distributed, log_metrics, lr_at, optimizer_state, positive, print0,
-                        resume, save_checkpoint, seed_everything, set_state, write_json)
+    from common import (add_optim_args, all_reduce, build_optimizer, cleanup, earlier_eval, evaluate,
+                        find_checkpoint, full_state_dict, init_distributed, log_metrics, lr_at, optimizer_state,
+                        positive, print0, resume, save_checkpoint, seed_everything, set_state, write_json)
     from data import DataError, encode_prompt, epoch_order, load_mixture, read_jsonl, rlvr_row
     from model import generate
 
@@ -329,7 +327,8 @@ if __name__ == "__main__":
     p.add_argument("--loss-norm", choices=["token", "sequence"], default="token")
     # optimization
     add_optim_args(p)  # --lr --schedule --warmup-ratio ... --save-every (shared: common.py)
-    p.add_argument("--value-lr", type=float, default=None, help="default: --lr")
+    p.add_argument("--value-lr", type=float, default=None, help="default: the preset's (tiny: 3e-4), "
+                   "else --lr")
     # checkpoints and evaluation
     p.add_argument("--eval-max-new-tokens", type=positive, default=64)
     p.add_argument("--eval-n", type=int, default=None, help="score only the first N held-out prompts (0: none)")
@@ -458,22 +457,19 @@ if __name__ == "__main__":
            f"world {world} | device {device}")
 
     # the starting point's held-out accuracy, same prompts and decoding as the final evaluation: from
-    # its eval.json when that covers the same prompts, else evaluated now (kept in out/ for a resume)
+    # its eval.json when that scored these very prompts so, else evaluated now (kept in out/ for a resume)
     start_eval = None
     if held_out is not None:
         spath, opath = os.path.join(args.ckpt, "eval.json"), os.path.join(args.out, "start_eval.json")
         for path in ((opath,) if resumed else ()) + (spath,):
-            if os.path.isfile(path):
-                got = json.load(open(path))
-                if got.get("n") == len(held_out) and got.get("max_new_tokens", 64) == args.eval_max_new_tokens:
-                    start_eval, src = got, path
-                    break
+            start_eval, src = earlier_eval(path, held_out, args.eval_max_new_tokens), path
+            if start_eval is not None:
+                break
         if start_eval is None:
             # (a resumed policy is no longer the start: evaluate the start checkpoint itself)
             m0 = load_model(args.ckpt, device, requires_grad=False) if resumed else policy
             start_eval = evaluate(m0, tok, held_out, max_new_tokens=args.eval_max_new_tokens)
             del m0
-            start_eval["max_new_tokens"] = args.eval_max_new_tokens
             src = "evaluated now"
         os.makedirs(args.out, exist_ok=True)
         write_json(opath, start_eval)
@@ -659,7 +655,7 @@ if __name__ == "__main__":
     write_json(os.path.join(args.out, "args.json"), vars(args))
     if held_out is not None:
         res = evaluate(policy, tok, held_out, max_new_tokens=args.eval_max_new_tokens)
-        res.update(max_new_tokens=args.eval_max_new_tokens, start=start_eval)
+        res["start"] = start_eval
         write_json(os.path.join(args.out, "eval.json"), res)
         print0(f"held-out accuracy {res['accuracy']:.3f} (start {start_eval['accuracy']:.3f}) on {res['n']} prompts: "
                + ", ".join(f"{k} {v['accuracy']:.3f} (start {start_eval['per_task'][k]['accuracy']:.3f})"

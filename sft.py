@@ -65,7 +65,7 @@ p.add_argument("--loss-reduction", choices=["sum", "mean"], default="sum")
 p.add_argument("--eval-every", type=positive, default=None, help="validation loss every N steps")
 args = p.parse_args()
 
-# presets fill whatever was not given on the command line (see README: "Presets")
+# presets fill whatever was not given on the command line (README: "How the scripts map to Tülu 3")
 PRESETS = {
     # the tiny default: a ~0.9M-parameter model from scratch, a few minutes on 2 CPU cores
     "tiny": dict(epochs=8, batch_size=32, micro_batch_size=32, lr=3e-3, schedule="cosine", warmup_ratio=0.05,
@@ -239,7 +239,7 @@ if held_out is not None and args.eval_n is not None:
     held_out = held_out[:args.eval_n] or None  # --eval-n 0: no evaluation
 if held_out is not None:
     res = evaluate(model, tok, held_out, max_new_tokens=args.eval_max_new_tokens)
-    write_json(os.path.join(args.out, "eval.json"), {**res, "max_new_tokens": args.eval_max_new_tokens})
+    write_json(os.path.join(args.out, "eval.json"), res)
     print0(f"held-out accuracy {res['accuracy']:.3f} on {res['n']} prompts: "
            + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in res["per_task"].items()))
 print0(f"saved {args.out}")

@@ -5,7 +5,8 @@ kernels: the fused LM-head losses, in Triton (+ cuBLAS) with a PyTorch reference
         per-token log-probs for DPO/PPO (and SFT), differentiable with per-token upstream gradients;
         return_lsq=True also gives log sum_v p_v^2 per row (no gradient), WPO's weight alignment
     fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean") -> scalar
-        SFT's loss, gradient computed during the forward
+        SFT's loss, gradient computed during the forward (past 16k tokens per call at V=128256, in bf16/fp16,
+        the log-probs op's recompute instead: see cross_entropy.py)
 
 Neither ever holds the full [N, V] logits. CUDA tensors take the Triton path, everything else the chunked
 PyTorch reference. set_impl("torch" | "triton" | "auto"), or KERNELS_IMPL in the environment of a whole run, forces

@@ -351,3 +351,22 @@ def test_grad_clip_zero_turns_clipping_off():
     w.grad = torch.full((3,), 10.0)
     norm = torch.nn.utils.clip_grad_norm_([w], p.parse_args(["--grad-clip", "0"]).grad_clip)
     assert norm.item() == pytest.approx(300 ** 0.5) and w.grad.tolist() == [10.0] * 3
+
+
+def test_a_stage_reuses_only_an_evaluation_of_the_same_prompts(tmp_path):
+    # dpo.py and ppo_rlvr.py take their starting point's accuracy from its eval.json only when it scored these
+    # very prompts with the same decoding (the same count is not enough); a fresh run drops an earlier run's
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}], "ground_truth": str(i), "dataset": "gsm8k"}
+            for i in range(3)]
+    saved = {"accuracy": 0.5, "n": 3, "per_task": {}, "max_new_tokens": 64, "prompts": common.prompts_key(rows)}
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(saved))
+    assert common.earlier_eval(str(path), rows, 64) == saved
+    assert common.earlier_eval(str(path), rows, 128) is None
+    other = [dict(r) for r in rows]
+    other[1]["ground_truth"] = "7"
+    assert common.earlier_eval(str(path), other, 64) is None
+    assert common.earlier_eval(str(tmp_path / "none.json"), rows, 64) is None
+    model = torch.nn.Linear(2, 2)
+    assert common.resume(None, str(tmp_path), model, torch.optim.AdamW(model.parameters())) == {"step": 0}
+    assert not path.exists()
