@@ -10,7 +10,8 @@ What it does:
 1. One flag picks the loss (--loss-type, see preference_loss): dpo (+ --label-smoothing: conservative
    DPO), dpo_norm (Tülu 3: DPO on per-token average log-probs, beta 5), simpo (reference-free), ipo (on
    per-token averages, as TRL), wpo. Each has its own default beta (DEFAULT_BETA).
-2. A response's log-prob is the sum over its tokens (the last assistant turn only) of log p(token),
+2. A response's log-prob is the sum over its tokens (the last assistant turn only, as TRL; open-instruct
+   counts every assistant turn, which cancels in dpo's difference but not in dpo_norm's averages) of log p(token),
    from the final hidden states through the fused log-prob op (kernels/), never a full fp32 [B, T, V]
    log-softmax. Chosen and rejected run through the model in one concatenated forward.
 3. The reference is the starting checkpoint. Its log-probs are computed once, before training, and cached
