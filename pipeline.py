@@ -1,7 +1,7 @@
 """
 The Tülu-in-miniature: SFT -> DPO -> RLVR on the built-in tasks, then the held-out accuracy table.
 
-    python pipeline.py                    # one seed: out/sft, out/dpo, out/rlvr (~8 minutes on 2 CPU cores)
+    python pipeline.py                    # one seed: out/sft, out/dpo, out/rlvr (5-8 minutes on 2 CPU cores)
     python pipeline.py --seeds 0 1 2      # three seeds: out/seed0/..., the mean and spread of each stage
     python pipeline.py --fast             # a few steps per stage: checks that everything runs (tests use it)
 
