@@ -165,11 +165,13 @@ class Tokenizer:
             raise ValueError(f"{file}: cannot be read by the tokenizers package: {e}") from None
         cfg = _read_json(os.path.join(path, "tokenizer_config.json")) or {}
         smap = _read_json(os.path.join(path, "special_tokens_map.json")) or {}
-        # tokenizer_config.json wins; special_tokens_map.json fills in the tokens it leaves unset
-        # (in released checkpoints the two files agree)
+        # where the two files disagree (released checkpoints agree), transformers 5's rule: tokenizer_config.json
+        # wins when it carries added_tokens_decoder (as transformers writes it), else special_tokens_map.json;
+        # either fills in the tokens the other leaves unset
+        first, second = (cfg, smap) if "added_tokens_decoder" in cfg else (smap, cfg)
         special = {}
         for k in list(smap) + list(cfg):
-            t = _content(cfg.get(k)) or _content(smap.get(k))
+            t = _content(first.get(k)) or _content(second.get(k))
             if k.endswith("_token") and t:
                 special[k] = t
         # chat template: chat_template.jinja > tokenizer_config's string, or its list of named

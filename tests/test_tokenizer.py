@@ -373,16 +373,40 @@ def test_special_tokens_and_eos_ids(ckpts, base, tmp_path):
         return {"__type": "AddedToken", "content": t, "lstrip": False, "normalized": False, "rstrip": False}
 
     (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": added("<|begin_of_text|>"), "eos_token": None}))
-    (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": added("<|end_of_text|>"), "bos_token": "x"}))
+    (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": added("<|end_of_text|>"),
+                                                           "bos_token": "<|im_start|>"}))
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": eot}))
     (d / "config.json").write_text(json.dumps({"eos_token_id": [eot_text, base.token_to_id("<|im_end|>")]}))
     old = Tokenizer.from_pretrained(str(d))
-    assert old.bos_token == "<|begin_of_text|>" and old.eos_token == "<|end_of_text|>"  # config wins over the map
+    # no added_tokens_decoder in the config: the map wins where they disagree, as in transformers 5
+    hf_old = transformers.AutoTokenizer.from_pretrained(str(d))
+    assert old.bos_token == hf_old.bos_token == "<|im_start|>" and old.eos_token == "<|end_of_text|>"
     assert old.eos_token_ids == [eot_text, eot, base.token_to_id("<|im_end|>")]
     assert old.chat_template == TULU_TEMPLATE
     text = "Naïve café 🙂 <|eot_id|>!"
     assert old.decode(old.encode(text)) == text
     assert old.decode(old.encode(text), skip_special_tokens=True) == "Naïve café 🙂 !"
+
+
+def test_disagreeing_special_token_files_read_as_transformers(ckpts, tmp_path):
+    # tokenizer_config.json and special_tokens_map.json naming different tokens: transformers 5 believes the
+    # config when it carries added_tokens_decoder (as transformers writes it), else the map
+    import shutil
+    for keep_decoder in (True, False):
+        d = tmp_path / str(keep_decoder)
+        shutil.copytree(ckpts["chatml"][0], d)
+        cfg = json.load(open(d / "tokenizer_config.json"))
+        cfg.pop("added_tokens_decoder", None)  # (transformers 5 itself no longer writes it; 4.x did)
+        if keep_decoder:
+            cfg["added_tokens_decoder"] = {str(ours_id): {"content": t, "lstrip": False, "normalized": False,
+                                                          "rstrip": False, "single_word": False, "special": True}
+                                           for t in ("<|endoftext|>", "<|im_end|>", "<pad>")
+                                           for ours_id in [Tokenizer.from_pretrained(str(d)).token_to_id(t)]}
+        json.dump(cfg, open(d / "tokenizer_config.json", "w"))
+        json.dump({"eos_token": "<|im_end|>", "pad_token": "<pad>"}, open(d / "special_tokens_map.json", "w"))
+        hf = transformers.AutoTokenizer.from_pretrained(str(d))
+        ours = Tokenizer.from_pretrained(str(d))
+        assert ours.pad_token == hf.pad_token == ("<|endoftext|>" if keep_decoder else "<pad>")
 
 
 def test_clear_errors(ckpts, tmp_path):
