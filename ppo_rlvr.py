@@ -392,24 +392,23 @@ if __name__ == "__main__":
         if args.ckpt is None:
             raise SystemExit("error: no --ckpt given and neither out/dpo/ nor out/sft/ exists: run python sft.py first")
     tok = Tokenizer.from_pretrained(args.ckpt)
+    # prompts are tokenized once, ending with the assistant header; generation goes on from there
+    with_prompt = lambda r: (r, encode_prompt(tok, r["messages"]))  # noqa: E731
     try:
         held_out = None
         if args.data is None:
             from tasks import make_tasks
             _, _, rows, held_out = make_tasks(seed=args.seed)
-            n_bad = 0
+            rows, n_bad = list(map(with_prompt, rows)), 0
         else:
-            rows, n_bad = load_mixture(args.data, rlvr_row, seed=args.seed, skip_bad=args.skip_bad,
-                                       encode=lambda r: (r, encode_prompt(tok, r["messages"])))
-            rows, prompts = [r for r, _ in rows], [q for _, q in rows]
+            rows, n_bad = load_mixture(args.data, rlvr_row, seed=args.seed, skip_bad=args.skip_bad, encode=with_prompt)
+        rows, prompts = [r for r, _ in rows], [q for _, q in rows]
         if args.eval_prompts:
             held_out = [rlvr_row(r, w) for w, r in read_jsonl(args.eval_prompts)]
     except DataError as e:
         raise SystemExit(f"error: {e}")
     if held_out is not None and args.eval_n is not None:
         held_out = held_out[:args.eval_n] or None
-    if args.data is None:  # prompts are tokenized once, ending with the assistant header; generation goes on there
-        prompts = [encode_prompt(tok, r["messages"]) for r in rows]
     keep = [i for i, q in enumerate(prompts) if len(q) <= args.max_prompt_len]
     n_long = len(rows) - len(keep)
     rows, prompts = [rows[i] for i in keep], [prompts[i] for i in keep]

@@ -356,6 +356,7 @@ _SEP = (r"(?:\s|" + "|".join(re.escape(x) for x in _SKIPPED_SYMBOLS) + r"|\\(?:"
 # prediction decides: "1.5 2.5" and "1.52,000" are products, "3.14." is 3.1
 _TEX_NUMBER = (rf"\d(?:{_SEP}\d)*(?:{_SEP},{_SEP}\d{_SEP}\d{_SEP}\d)*"
                rf"(?:{_SEP}\.{_SEP}\d(?:{_SEP}\d(?!{_SEP}(?:\.|,{_SEP}\d{_SEP}\d{_SEP}\d)))*)?")
+_DOT_NEXT = re.compile(_SEP + r"\.")  # a '.' after a number, separators skipped
 _TEX_TOKEN = re.compile(rf"\\[a-zA-Z]+|\\.|d(?:[a-zA-Z]|\\[a-zA-Z]+)|{_TEX_NUMBER}|.", re.S | re.ASCII)
 
 
@@ -387,7 +388,7 @@ class _TexParser:
                 if kind == "op" and x not in "+-*/:^_!|()[]{},'=<>." and x not in ("\\{", "\\}"):
                     raise ValueError(f"unknown character {x!r}")  # the reference's lexer error
                 if kind == "num":
-                    if "." not in x and re.match(_SEP + r"\.", self.s[i + len(x):]):
+                    if "." not in x and _DOT_NEXT.match(self.s, i + len(x)):
                         raise ValueError("a number ending in '.'")  # so does "2." (but "a." parses as a)
                     x = "".join(c for c in x if c in "0123456789.")
                     if re.fullmatch(r"0+[1-9]\d*", x):  # sympy.Number("01") is Python's syntax error
@@ -637,7 +638,7 @@ def sympy_equiv(candidates, gold, timeout=None):
             pairs.append([a, g])
     for pair in pairs:  # each with its own deadline, as the reference gives each is_equiv call its own
         try:
-            if _sympy_worker_call([pair], SYMPY_TIMEOUT if timeout is None else timeout):
+            if _sympy_worker_call(pair, SYMPY_TIMEOUT if timeout is None else timeout):
                 return True
         except TimeoutError as e:  # this candidate counts as not equal (and is counted); the next is tried
             _failed("math", e)
@@ -677,8 +678,8 @@ def _to_sympy(t, S):
 
 
 def _sympy_worker():
-    """Worker loop (run as `python verifiers.py --sympy-worker`): one JSON list of AST pairs per line
-    in, "1" (some pair is equal) or "0" out."""
+    """Worker loop (run as `python verifiers.py --sympy-worker`): one JSON pair of ASTs per line in, "1"
+    (equal) or "0" out."""
     try:  # a runaway power (2^{10^{10}}) raises MemoryError instead of eating the machine's memory
         import resource
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
@@ -688,14 +689,11 @@ def _sympy_worker():
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     for line in sys.stdin:
-        ok = False
-        for a, b in json.loads(line):
-            try:
-                ok = S.simplify(_to_sympy(a, S) - _to_sympy(b, S)) == 0
-            except Exception:  # noqa: BLE001 as the reference: a failed comparison is "not equal"
-                ok = False
-            if ok:
-                break
+        a, b = json.loads(line)
+        try:
+            ok = S.simplify(_to_sympy(a, S) - _to_sympy(b, S)) == 0
+        except Exception:  # noqa: BLE001 as the reference: a failed comparison is "not equal"
+            ok = False
         sys.stdout.write("1\n" if ok else "0\n")
         sys.stdout.flush()
 
@@ -718,7 +716,7 @@ def _readline(p, deadline):
     return buf.strip()
 
 
-def _sympy_worker_call(pairs, timeout):
+def _sympy_worker_call(pair, timeout):
     with _IDLE_LOCK:
         if _IDLE_PID[0] != os.getpid():
             _IDLE.clear()
@@ -733,7 +731,7 @@ def _sympy_worker_call(pairs, timeout):
             p.kill()
             raise RuntimeError("the sympy worker process did not start")
     try:
-        p.stdin.write(json.dumps(pairs).encode() + b"\n")
+        p.stdin.write(json.dumps(pair).encode() + b"\n")
         out = _readline(p, time.monotonic() + timeout)
     except OSError:
         out = None
