@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Every GPU check in one prepared run: correctness first, then the side-by-side timings.
 #
-#   bash bench/gpu.sh OUTDIR [PART ...]      PARTs: tests kernels train generate dpo (default: all, ~10 min on an H200)
+#   bash bench/gpu.sh OUTDIR [PART ...]      PARTs: tests sanitize kernels train generate dpo (default: all)
 #
 # Each part has its own time limit and writes OUTDIR/<part>.txt; a part that fails or runs out of time does
-# not stop the others. The tables of bench/kernels.py also go to OUTDIR/kernels.md (+ .json). Liger-Kernel and
-# Cut Cross-Entropy join the kernel table when importable: wheels placed in .whl/ are installed first.
+# not stop the others. All parts together take over 10 minutes on an H200: name the parts a check needs (the
+# kernels: tests sanitize kernels). sanitize runs the kernel tests' "tiny" cases under compute-sanitizer's
+# memcheck (out-of-bounds or misaligned accesses, which the Triton interpreter does not catch) and racecheck
+# (shared-memory races); the tool refuses some virtualised GPUs ("Device not supported"), which the part
+# reports. The tables of bench/kernels.py also go to OUTDIR/kernels.md (+ .json). Liger-Kernel and Cut
+# Cross-Entropy join the kernel table when importable: wheels placed in .whl/ are installed first.
 set -u
 out=${1:?usage: bash bench/gpu.sh OUTDIR [PART ...]}
 shift
-parts=${*:-tests kernels train generate dpo}
+parts=${*:-tests sanitize kernels train generate dpo}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 ls .whl/*.whl >/dev/null 2>&1 && pip install -q --no-deps .whl/*.whl
@@ -27,10 +31,14 @@ for part in $parts; do
     case $part in
         tests) run tests 300 python -m pytest -q -rs tests/test_kernels_gpu.py tests/test_scripts_gpu.py \
                    tests/test_generate.py::test_cuda_graph_equals_eager tests/test_eval.py::test_cli_cuda ;;
+        sanitize) run sanitize 240 bash -c 'for tool in memcheck racecheck; do
+                      compute-sanitizer --tool $tool --error-exitcode 1 \
+                          python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k tiny || exit 1
+                  done' ;;
         kernels) run kernels 240 python bench/kernels.py --budget-s 200 --out "$out/kernels.md" ;;
         train) run train 240 python bench/train.py --gpu ;;
         generate) run generate 180 python bench/generate.py ;;
         dpo) run dpo 120 python bench/dpo.py ;;
-        *) echo "unknown part $part (tests kernels train generate dpo)"; exit 2 ;;
+        *) echo "unknown part $part (tests sanitize kernels train generate dpo)"; exit 2 ;;
     esac
 done

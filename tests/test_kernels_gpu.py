@@ -18,8 +18,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 IGNORE = -100
 # (N, H, V, temperature, ignored rows, logits, chunk bytes): odd sizes; a 16 MiB chunk forces ~13 vocab slabs
 # for log-probs and 160-row chunks for cross-entropy; 2 MiB ("many") ~98 slabs, whose dX sum stays in fp32, and
-# 128 cross-entropy chunks, past MAX_CHUNKS (so the log-probs op computes the gradient)
+# 128 cross-entropy chunks, past MAX_CHUNKS (so the log-probs op computes the gradient). The "tiny" cases (bf16:
+# 13 slabs and 3 chunks; 17 slabs and 19 chunks, routed) take every path in milliseconds, which is what
+# bench/gpu.sh runs under compute-sanitizer (out-of-bounds accesses, shared-memory races)
 CASES = {
+    "tiny":    (37, 48, 1537, 0.7, "some", "normal", 16 * 2**10),
+    "tiny-routed": (300, 48, 1537, 1.0, "some", "normal", 64 * 2**10),
     "many":    (2047, 1040, 50257, 0.7, "some", "normal", 2 * 2**20),
     "plain":   (2047, 1040, 50257, 1.0, "none", "normal", 256 * 2**20),
     "slabs":   (2047, 1040, 50257, 0.7, "some", "normal", 16 * 2**20),
@@ -123,7 +127,7 @@ def test_bf16(case):
         check_bf16(run(ce, x, w, None), run(ce_torch, x, w, None), ref, f"ce-{reduction}/{case}")
 
 
-@pytest.mark.parametrize("case", ["slabs", "large", "peaked"])
+@pytest.mark.parametrize("case", ["tiny", "slabs", "large", "peaked"])
 def test_fp32(case):
     # fp32 inputs: the same rule as bf16 with fp32's margin, err(ours) <= err(eager fp32) + 1e-5. With
     # logits of magnitude ~100 ("large") the fp32 rounding of z/T - lse alone is ~1e-5 relative in
@@ -157,7 +161,8 @@ def test_triton_matches_reference_path():
 
 @pytest.mark.parametrize("task", ["logprobs", "ce"])
 def test_peak_memory(task):
-    # extra memory beyond inputs and the returned gradients: the chunk buffer plus O(N) vectors
+    # extra memory beyond inputs and the returned gradients: the chunk buffer plus O(N) vectors, and for the
+    # log-probs backward dX's fp32 running sum (N x H x 4 bytes)
     N, H, V = 4096, 2048, 128256
     x, w, y, g = make(N, H, V, "some", "normal", torch.bfloat16)
     op = {"logprobs": lambda: kernels.fused_linear_logprobs(x, w, y).backward(g),
@@ -170,4 +175,5 @@ def test_peak_memory(task):
     op()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - x.grad.nbytes - w.grad.nbytes
-    assert extra <= lp.CHUNK_BYTES + 16 * 2**20, f"{task}: {extra / 2**30:.3f} GiB extra"
+    bound = lp.CHUNK_BYTES + (N * H * 4 if task == "logprobs" else 0) + 16 * 2**20
+    assert extra <= bound, f"{task}: {extra / 2**30:.3f} GiB extra, more than {bound / 2**30:.3f}"
