@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 
@@ -83,7 +84,7 @@ def load_model(path, device, requires_grad=True, grad_checkpoint=False, body_onl
     dict by broadcast, so no rank ever holds a second full copy on the GPU. body_only: no output
     projection (a value model's body; see Llama.from_pretrained). compile: Llama.compile_blocks."""
     if not is_dist():
-        model = Llama.from_pretrained(path, device=device, dtype=torch.float32, body_only=body_only)
+        model = read_checkpoint(Llama.from_pretrained, path, device=device, dtype=torch.float32, body_only=body_only)
         if compile:
             model.compile_blocks()
         model.grad_checkpoint = grad_checkpoint
@@ -91,7 +92,9 @@ def load_model(path, device, requires_grad=True, grad_checkpoint=False, body_onl
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    full = Llama.from_pretrained(path, device="cpu", body_only=body_only) if dist.get_rank() == 0 else None
+    full = None
+    if dist.get_rank() == 0:
+        full = read_checkpoint(Llama.from_pretrained, path, device="cpu", body_only=body_only)
     cfg = full.cfg if full is not None else None
     obj = [cfg]
     dist.broadcast_object_list(obj, src=0)  # the config is small: every rank builds the same module
@@ -110,6 +113,21 @@ def load_model(path, device, requires_grad=True, grad_checkpoint=False, body_onl
     del full, sd
     model.grad_checkpoint = grad_checkpoint
     return model.requires_grad_(requires_grad)
+
+
+def read_checkpoint(load, path, **kw):
+    """load(path, **kw) (Llama.from_pretrained, Tokenizer.from_pretrained, ...), with a missing or broken
+    checkpoint reported as the one sentence its error already is, not a traceback."""
+    try:
+        return load(path, **kw)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def check_out(path):
+    """Refuses, before any work, an --out that exists as a file: the checkpoint is a directory (made if missing)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"error: --out {path} is a file; it must be a directory (made if missing)")
 
 
 def full_state_dict(model):
@@ -131,6 +149,29 @@ def positive(s):
     return int(s)
 
 
+def count(s):
+    """argparse type of a count flag where 0 means none (--eval-n)."""
+    if not s.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {s!r}")
+    return int(s)
+
+
+def number(lo=-math.inf, hi=math.inf, above=False):
+    """argparse type of a real-valued flag within [lo, hi] ((lo, hi] when `above`): a learning rate of -1, a
+    beta of 0 that a loss divides by, a fraction of 1.5 are one sentence at the command line, not a crash
+    (or a silently wrong run) later."""
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        if not ((v > lo if above else v >= lo) and v <= hi):  # nan fails too
+            want = [f"> {lo:g}" if above else f">= {lo:g}"] * (lo > -math.inf) + [f"<= {hi:g}"] * (hi < math.inf)
+            raise argparse.ArgumentTypeError(f"expected a number {' and '.join(want)}, got {s!r}")
+        return v
+    return parse
+
+
 def max_norm(s):
     """argparse type of --grad-clip: 0 (or less) is no clipping, an infinite max norm (clip_grad_norm_ with 0
     would zero every gradient)."""
@@ -144,10 +185,10 @@ def max_norm(s):
 def add_optim_args(p):
     """The optimizer, schedule and checkpoint flags that sft.py, dpo.py and ppo_rlvr.py share; each
     script's preset fills the ones left at None."""
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=number(0), default=None)
     p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default=None)
-    p.add_argument("--warmup-ratio", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=number(0, 1), default=None)
+    p.add_argument("--weight-decay", type=number(0), default=0.0)
     # 1.0 is what Tülu 3's runs clipped at: open-instruct's own --clip_grad_norm is off (-1), but its DeepSpeed
     # config says "gradient_clipping": "auto", which accelerate's _prepare_deepspeed fills with 1.0
     p.add_argument("--grad-clip", type=max_norm, default=1.0,
@@ -155,7 +196,7 @@ def add_optim_args(p):
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (training "
                    "forward and backward; generation stays eager)")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--save-every", type=count, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--save-dtype", choices=["fp32", "bf16"], default=None)
 
 
@@ -211,10 +252,10 @@ def token_logprobs(model, input_ids, targets, temperature=1.0, **fw):
 def save_checkpoint(out, model, tokenizer, optimizer=None, state=None, dtype=None):
     """Writes `out` as an HF checkpoint (config, safetensors, tokenizer) plus, for resuming,
     train_state.pt (optimizer, step, data position, RNG, ...). Atomic: everything is written to a
-    temp dir, the .json/.jsonl files already in `out` are copied in (the run's metrics.jsonl, DPO's
-    pairs.jsonl, PPO's start_eval.json; resume() clears an earlier run's eval.json on a fresh start), and
-    the directory is swapped in whole, so a crash mid-save leaves the last good checkpoint. Collective
-    under FSDP: every rank must call it."""
+    temp dir that replace_dir swaps in whole, so a crash mid-save leaves the last good checkpoint; the
+    other files in `out` go along (the run's metrics.jsonl, DPO's pairs.jsonl, PPO's start_eval.json;
+    resume() clears an earlier run's eval.json on a fresh start). Collective under FSDP: every rank must
+    call it."""
     sd = full_state_dict(model)
     osd = optimizer_state(model, optimizer) if optimizer is not None else None
     if not is_dist() or dist.get_rank() == 0:
@@ -231,10 +272,6 @@ def save_checkpoint(out, model, tokenizer, optimizer=None, state=None, dtype=Non
                     extra["model"] = sd
                 torch.save({"optimizer": osd, "rng": rng, **extra, **(state or {})},
                            os.path.join(tmp, "train_state.pt"))
-            if os.path.isdir(out):  # keep the run's logs, which live beside the checkpoint
-                for f in os.listdir(out):  # (not a shard index: this save may not be sharded, or differently)
-                    if f.endswith((".jsonl", ".json")) and not f.endswith(".index.json") and f not in os.listdir(tmp):
-                        shutil.copy2(os.path.join(out, f), tmp)
             replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -261,7 +298,12 @@ def load_train_state(ckpt, model, optimizer):
     checkpoint's safetensors were saved rounded (bf16); returns the rest of the saved state."""
     # memory-mapped: at 8B the file holds ~96 GB (fp32 weights and Adam moments) and every rank opens it;
     # mapped, they share the page cache, and only rank 0's tensors (broadcast from there) are ever read
-    st = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False, mmap=True)
+    path = os.path.join(ckpt, "train_state.pt")
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise SystemExit(f"error: {path} cannot be read ({str(e).splitlines()[0]}): the checkpoint is damaged; "
+                         f"run without --resume, or put back a copy of {ckpt}") from None
     set_state(model, optimizer, st.get("model"), st["optimizer"])
     random.setstate(st["rng"]["python"])
     np.random.set_state(st["rng"]["numpy"])

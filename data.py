@@ -21,6 +21,7 @@ import torch
 
 from common import IGNORE
 from tokenizer import tokenize_conversation
+from verifiers import scorer
 
 ROLES = {"system", "user", "assistant"}
 
@@ -37,7 +38,7 @@ def read_jsonl(path, bad=None):
     (or, when a list `bad` is given, a malformed line is appended to it and skipped). Lines are decoded
     here, so a stray non-UTF-8 byte is a malformed line too; a truncated .gz is an error."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: is a directory, not a JSONL file" if os.path.isdir(path) else f"{path}: no such file")
     opener = gzip.open if path.endswith(".gz") else open
     n = skipped = i = 0
     try:
@@ -82,8 +83,14 @@ def check_messages(msgs, where, need_assistant=True):
     return msgs
 
 
+def messages_of(row, where):
+    if "messages" not in row:  # e.g. ShareGPT's "conversations": converted beforehand, as open-instruct does
+        raise DataError(f"{where}: no 'messages' field (the row has {sorted(row)})")
+    return row["messages"]
+
+
 def sft_row(row, where):
-    return check_messages(row.get("messages"), where)
+    return check_messages(messages_of(row, where), where)
 
 
 def pref_row(row, where):
@@ -110,11 +117,15 @@ def pref_row(row, where):
 
 
 def rlvr_row(row, where):
-    msgs = check_messages(row.get("messages"), where, need_assistant=False)
+    msgs = check_messages(messages_of(row, where), where, need_assistant=False)
     if msgs[-1]["role"] == "assistant":  # open-instruct rows sometimes carry the reference answer
         msgs = msgs[:-1]
     if "ground_truth" not in row or "dataset" not in row:
         raise DataError(f"{where}: an RLVR row needs 'ground_truth' and 'dataset'")
+    try:  # read by its verifier now: a label it cannot score stops the run here, not at the step that samples it
+        scorer(row["dataset"], row["ground_truth"])
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
     return {"messages": msgs, "ground_truth": row["ground_truth"], "dataset": row["dataset"]}
 
 
@@ -149,6 +160,8 @@ def load_mixture(specs, parse, seed=0, skip_bad=False, encode=None):
             k = round(f * len(got)) if f <= 1 else int(amount)
             if k > len(got):  # Tülu's mixer also refuses to invent rows
                 raise DataError(f"{spec}: asks for {k} rows, the file has {len(got)} usable rows")
+            if k == 0:
+                raise DataError(f"{spec}: takes no row (the file has {len(got)} usable rows)")
             got = got[:k]
         for where, x in got:
             try:

@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, cleanup, earlier_eval, evaluate,
-                    find_checkpoint, init_distributed, is_dist, load_model, log_metrics, lr_at, plan_steps, positive,
-                    print0, resume, save_checkpoint, seed_everything, token_logprobs, write_json)
+from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, check_out, cleanup, count, earlier_eval,
+                    evaluate, find_checkpoint, init_distributed, is_dist, load_model, log_metrics, lr_at, number,
+                    plan_steps, positive, print0, read_checkpoint, resume, save_checkpoint, seed_everything,
+                    token_logprobs, write_json)
 from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_jsonl, rlvr_row
 from tokenizer import Tokenizer, tokenize_conversation
 
@@ -151,24 +152,24 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     p.add_argument("--seed", type=int, default=0)
     # the loss
     p.add_argument("--loss-type", choices=LOSS_TYPES, default=None)
-    p.add_argument("--beta", type=float, default=None, help="default per loss: 0.1 dpo/ipo/wpo, 5 dpo_norm, 2 simpo")
-    p.add_argument("--gamma-beta-ratio", type=float, default=0.3, help="simpo's target margin gamma / beta")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO's label noise eps")
+    p.add_argument("--beta", type=number(0, above=True), default=None, help="default per loss: 0.1 dpo/ipo/wpo, 5 dpo_norm, 2 simpo")
+    p.add_argument("--gamma-beta-ratio", type=number(0), default=0.3, help="simpo's target margin gamma / beta")
+    p.add_argument("--label-smoothing", type=number(0, 0.5), default=0.0, help="conservative DPO's label noise eps")
     # data
     p.add_argument("--max-len", type=positive, default=None, help="tokens per sequence (prompt + response), truncated")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
     p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end")
-    p.add_argument("--eval-n", type=int, default=None, help="score only the first N held-out prompts (0: none)")
+    p.add_argument("--eval-n", type=count, default=None, help="score only the first N held-out prompts (0: none)")
     p.add_argument("--eval-max-new-tokens", type=positive, default=64, help="greedy tokens per held-out prompt")
     # on-policy pairs (without --data)
     # 300 of the 1000 built-in preference prompts: one modest offline round, as Tülu 3's DPO is one epoch
     # on a fixed set; RLVR, which keeps sampling, then has room to add to it
     p.add_argument("--n-prompts", type=positive, default=300, help="built-in preference prompts to sample from")
     p.add_argument("--samples-per-prompt", type=positive, default=4)
-    p.add_argument("--sample-temperature", type=float, default=1.0)
+    p.add_argument("--sample-temperature", type=number(0), default=1.0)
     p.add_argument("--max-new-tokens", type=positive, default=64)
     # optimization
-    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--epochs", type=number(0, above=True), default=None)
     p.add_argument("--max-steps", type=positive, default=None, help="stop after this many optimizer steps")
     p.add_argument("--batch-size", type=positive, default=None, help="pairs per optimizer step, all ranks")
     p.add_argument("--micro-batch-size", type=positive, default=None, help="pairs per forward (x2 sequences), per rank")
@@ -190,6 +191,9 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.beta = DEFAULT_BETA[args.loss_type] if args.beta is None else args.beta  # (dpo_norm's is Tülu 3's 5)
+    if args.loss_type == "ipo" and args.label_smoothing:
+        raise SystemExit("error: --label-smoothing is defined for the sigmoid losses, not ipo")
+    check_out(args.out)
     if args.data is not None and args.ckpt is None:
         raise SystemExit("error: --data needs --ckpt (the SFT checkpoint to start from)")
     builtin = args.data is None
@@ -208,7 +212,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     resumed = find_checkpoint(args.out) if args.resume else None
     if args.resume and resumed is None:
         print0(f"--resume: no checkpoint in {args.out}, starting fresh")
-    tok = Tokenizer.from_pretrained(args.ckpt)
+    tok = read_checkpoint(Tokenizer.from_pretrained, args.ckpt)
     model = load_model(args.ckpt, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile)
     pairs_file = os.path.join(args.out, "pairs.jsonl")
 
@@ -330,9 +334,15 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
                 h.update(np.asarray(ids + [-1] + labels + [-2], dtype=np.int64).tobytes())
         key = h.hexdigest()[:16]
         cache = f"{os.path.abspath(args.out)}.ref-{key}.pt"
-        # every rank must take the same branch (the computation is collective): hit only if all see the file
-        if all_reduce(float(not os.path.isfile(cache)), op="max") == 0:
-            ref = torch.load(cache, map_location="cpu")["logps"]
+        cached = None
+        if os.path.isfile(cache):
+            try:
+                cached = torch.load(cache, map_location="cpu")["logps"]
+            except Exception as e:  # noqa: BLE001  a cache that cannot be read is recomputed
+                print(f"reference log-probs: cannot read {cache} ({type(e).__name__}), computing them again")
+        # every rank must take the same branch (the computation is collective): a hit only if every rank read it
+        if all_reduce(float(not (torch.is_tensor(cached) and cached.shape == (N, 2))), op="max") == 0:
+            ref = cached
             print0(f"reference log-probs: loaded {cache}")
         else:
             t0 = time.time()

@@ -53,6 +53,10 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, d: dict, name: str = "config.json"):
         """Builds the config from an HF config.json dict; fields we do not implement are an error."""
+        need = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
+        missing = [k for k in need if not isinstance(d.get(k), int)]
+        if missing:
+            raise ValueError(f"{name}: {missing[0]!r} is missing or not a whole number")
         arch = d.get("model_type", "llama")
         if arch not in ("llama", "qwen2"):
             raise ValueError(f"{name}: model_type {arch!r} is not supported (llama, qwen2 are)")
@@ -314,10 +318,9 @@ class Llama(nn.Module):
         from a causal LM (lm_head.weight is skipped) or from an HF *ForSequenceClassification reward model
         (whose score.weight is left for the caller: read_tensor(path, "score.weight"))."""
         cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
+        d = read_json(cfg_path)
+        if d is None:
             raise FileNotFoundError(f"{cfg_path} not found: not a Hugging Face checkpoint directory")
-        with open(cfg_path) as f:
-            d = json.load(f)
         cfg = LlamaConfig.from_hf(d, cfg_path)
         classifier = any(a.endswith("ForSequenceClassification") for a in d.get("architectures") or [])
         if classifier and not body_only:
@@ -409,7 +412,7 @@ def new_dir_beside(path):
     earlier save left there is removed first (an 8B checkpoint is 16 GB or more). Made by os.makedirs,
     so it gets the umask's mode as transformers' saves do (not mkdtemp's owner-only 0700, which would
     keep a vLLM server or a teammate running as another user out of the checkpoint)."""
-    path = os.path.normpath(path)  # "out/sft/" is "out/sft"
+    path = os.path.abspath(path)  # "out/sft/" is "out/sft"; "." is the directory, not a file in it
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -424,14 +427,40 @@ def _fsync(path):
         os.close(fd)
 
 
+# What a checkpoint is made of: never carried from a directory into its replacement (an earlier save's shard,
+# index, template or optimizer state would be read as part of the new checkpoint)
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "chat_template.jinja", "model.safetensors.index.json", "train_state.pt")
+
+
+def _link(src, dst):
+    try:  # a hard link: no copy, and the file outlives the old directory's removal
+        os.link(src, dst)
+    except OSError:  # e.g. a filesystem without hard links
+        shutil.copy2(src, dst)
+
+
 def replace_dir(tmp, path):
     """Moves a fully written directory `tmp` to `path`, replacing an existing one; the old one is
-    only deleted once the new one is in place, so a crash leaves either the old or the new. The new
-    files are flushed to disk (fsync) before the swap, so a power loss cannot leave a checkpoint in
-    place whose shards were still in the page cache."""
-    path = os.path.normpath(path)
+    only deleted once the new one is in place, so a crash leaves either the old or the new. What else
+    the old one holds (a run's metrics.jsonl and eval.json, evaluation outputs, anything a user keeps
+    there) goes along into the new one, as transformers' save_pretrained leaves other files alone: only
+    the checkpoint's own files are replaced. The new files are flushed to disk (fsync) before the swap,
+    so a power loss cannot leave a checkpoint in place whose shards were still in the page cache."""
+    path = os.path.abspath(path)
+    for f in os.listdir(path) if os.path.isdir(path) else []:
+        src, dst = os.path.join(path, f), os.path.join(tmp, f)
+        if os.path.lexists(dst) or f in CHECKPOINT_FILES or (f.startswith("model") and f.endswith(".safetensors")):
+            continue
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        elif os.path.isdir(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link)
+        else:
+            _link(src, dst)
     for f in [os.path.join(tmp, f) for f in os.listdir(tmp)] + [tmp]:  # the files, then their directory entries
-        _fsync(f)
+        if not os.path.islink(f):
+            _fsync(f)
     old = None
     if os.path.exists(path):
         old = path + ".old"
@@ -441,6 +470,21 @@ def replace_dir(tmp, path):
     _fsync(os.path.dirname(os.path.abspath(path)))  # the renames themselves
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json(path):
+    """The JSON object in `path`, None if there is no such file; a file that is not one is an error naming it."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        try:
+            d = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            where = f"line {e.lineno} column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+            raise ValueError(f"{path}: invalid JSON at {where}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def checkpoint_files(path):

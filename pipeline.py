@@ -29,7 +29,12 @@ p.add_argument("--rl-args", default="")
 args = p.parse_args()
 
 FAST = {"sft": "--max-steps 60 --eval-n 16", "dpo": "--n-prompts 64 --batch-size 4 --micro-batch-size 4 --max-steps 2 --eval-n 16", "rl": "--steps 2 --eval-n 16"}
-STAGES = [("sft", "sft.py", args.sft_args), ("dpo", "dpo.py", args.dpo_args), ("rlvr", "ppo_rlvr.py", args.rl_args)]
+STAGES = []
+for stage, script, flag in [("sft", "sft.py", "sft"), ("dpo", "dpo.py", "dpo"), ("rlvr", "ppo_rlvr.py", "rl")]:
+    try:
+        STAGES.append((stage, script, shlex.split(getattr(args, f"{flag}_args"))))
+    except ValueError as e:  # e.g. an unclosed quote
+        p.error(f"--{flag}-args: {e}")
 here = os.path.dirname(os.path.abspath(__file__))
 
 results = {}  # seed -> stage -> {"accuracy", "per_task", "seconds"}
@@ -41,12 +46,15 @@ for seed in args.seeds:
         cmd = [sys.executable, os.path.join(here, script), "--seed", str(seed), "--out", out]
         cmd += ["--ckpt", prev] if prev else []
         cmd += shlex.split(FAST[stage if stage != "rlvr" else "rl"]) if args.fast else []
-        cmd += shlex.split(extra)
+        cmd += extra
         print(f"\n=== seed {seed} | {stage}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
         r = subprocess.run(cmd)
         if r.returncode != 0:
             raise SystemExit(f"error: {script} failed (exit {r.returncode}) for seed {seed}")
+        if not os.path.isfile(os.path.join(out, "eval.json")):
+            raise SystemExit(f"error: {script} wrote no {out}/eval.json (its evaluation was turned off?): the table "
+                             "needs every stage's held-out accuracy")
         ev = json.load(open(os.path.join(out, "eval.json")))
         res[stage] = {"accuracy": ev["accuracy"], "n": ev["n"], "per_task": ev["per_task"], "seconds": time.time() - t0}
         prev = out

@@ -276,9 +276,10 @@ class ValueModel(nn.Module):
 if __name__ == "__main__":
     from tqdm import tqdm
 
-    from common import (add_optim_args, all_reduce, build_optimizer, cleanup, earlier_eval, evaluate,
-                        find_checkpoint, full_state_dict, init_distributed, log_metrics, lr_at, optimizer_state,
-                        positive, print0, resume, save_checkpoint, seed_everything, set_state, write_json)
+    from common import (add_optim_args, all_reduce, build_optimizer, check_out, cleanup, count, earlier_eval,
+                        evaluate, find_checkpoint, full_state_dict, init_distributed, log_metrics, lr_at, number,
+                        optimizer_state, positive, print0, read_checkpoint, resume, save_checkpoint, seed_everything,
+                        set_state, write_json)
     from data import DataError, encode_prompt, epoch_order, load_mixture, read_jsonl, rlvr_row
     from model import generate
 
@@ -304,34 +305,34 @@ if __name__ == "__main__":
     p.add_argument("--samples-per-prompt", type=positive, default=None, help="n (default 1 for gae, 4 for grpo/rloo)")
     p.add_argument("--max-new-tokens", type=positive, default=None, help="response length limit")
     p.add_argument("--max-prompt-len", type=positive, default=None, help="prompts longer than this are dropped")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also used in training")
+    p.add_argument("--temperature", type=number(0, above=True), default=1.0, help="sampling temperature, also used in training")
     p.add_argument("--gen-batch-size", type=positive, default=None, help="prompts per generate batch (default: all)")
     p.add_argument("--per-prompt-seed", action="store_true", help="sample each prompt's n responses with a "
                    "seed of their own: rollouts independent of the number of ranks (slower)")
     # reward and KL
     p.add_argument("--verify-reward", type=float, default=None, help="score of a verified response")
     p.add_argument("--no-eos-penalty", type=float, default=None, help="score of a response without EOS (off if unset)")
-    p.add_argument("--beta", type=float, default=None, help="KL coefficient (initial value if adaptive)")
+    p.add_argument("--beta", type=number(0), default=None, help="KL coefficient (initial value if adaptive)")
     p.add_argument("--kl-estimator", choices=["k1", "k2", "k3"], default=None, help="default k1, k3 for grpo")
-    p.add_argument("--kl-target", type=float, default=None, help="adaptive beta: target KL per sequence")
-    p.add_argument("--kl-horizon", type=float, default=10000, help="adaptive beta: horizon in episodes")
+    p.add_argument("--kl-target", type=number(0, above=True), default=None, help="adaptive beta: target KL per sequence")
+    p.add_argument("--kl-horizon", type=number(0, above=True), default=10000, help="adaptive beta: horizon in episodes")
     # PPO
-    p.add_argument("--gamma", type=float, default=None)
-    p.add_argument("--lam", type=float, default=None)
-    p.add_argument("--clip", type=float, default=None, help="policy ratio clip range epsilon")
-    p.add_argument("--value-clip", type=float, default=None)
-    p.add_argument("--vf-coef", type=float, default=None)
+    p.add_argument("--gamma", type=number(0, 1), default=None)
+    p.add_argument("--lam", type=number(0, 1), default=None)
+    p.add_argument("--clip", type=number(0, above=True), default=None, help="policy ratio clip range epsilon")
+    p.add_argument("--value-clip", type=number(0, above=True), default=None)
+    p.add_argument("--vf-coef", type=number(0), default=None)
     p.add_argument("--ppo-epochs", type=positive, default=None)
     p.add_argument("--mini-batches", type=positive, default=None, help="optimizer steps per PPO epoch")
     p.add_argument("--micro-batch-size", type=positive, default=None, help="sequences per forward, per rank")
     p.add_argument("--loss-norm", choices=["token", "sequence"], default="token")
     # optimization
     add_optim_args(p)  # --lr --schedule --warmup-ratio ... --save-every (shared: common.py)
-    p.add_argument("--value-lr", type=float, default=None, help="default: the preset's (tiny: 3e-4), "
+    p.add_argument("--value-lr", type=number(0), default=None, help="default: the preset's (tiny: 3e-4), "
                    "else --lr")
     # checkpoints and evaluation
     p.add_argument("--eval-max-new-tokens", type=positive, default=64)
-    p.add_argument("--eval-n", type=int, default=None, help="score only the first N held-out prompts (0: none)")
+    p.add_argument("--eval-n", type=count, default=None, help="score only the first N held-out prompts (0: none)")
     args = p.parse_args()
 
     # presets fill whatever was not given on the command line
@@ -364,15 +365,13 @@ if __name__ == "__main__":
     # -------------------------------------------------------------------------
     # setup
 
+    check_out(args.out)
     rank, world, device = init_distributed()
     seed_everything(args.seed + rank)
     from tokenizer import Tokenizer  # noqa: E402
     from verifiers import verify  # noqa: E402
 
     n, P = args.samples_per_prompt, args.prompts_per_step
-    if not args.temperature > 0:
-        raise SystemExit(f"error: --temperature must be > 0 (PPO needs the log-probs of a sampling distribution), "
-                         f"got {args.temperature}")
     if args.kl_target is not None and not args.beta > 0:
         raise SystemExit("error: --kl-target adapts beta multiplicatively: it needs a starting --beta > 0")
     if args.advantage == "grpo" and args.kl_estimator == "k1" and args.beta > 0:
@@ -391,7 +390,7 @@ if __name__ == "__main__":
         args.ckpt = next((d for d in ("out/dpo", "out/sft") if os.path.isfile(os.path.join(d, "config.json"))), None)
         if args.ckpt is None:
             raise SystemExit("error: no --ckpt given and neither out/dpo/ nor out/sft/ exists: run python sft.py first")
-    tok = Tokenizer.from_pretrained(args.ckpt)
+    tok = read_checkpoint(Tokenizer.from_pretrained, args.ckpt)
     # prompts are tokenized once, ending with the assistant header; generation goes on from there
     with_prompt = lambda r: (r, encode_prompt(tok, r["messages"]))  # noqa: E731
     try:
@@ -414,7 +413,8 @@ if __name__ == "__main__":
     rows, prompts = [rows[i] for i in keep], [prompts[i] for i in keep]
     steps_per_epoch = len(rows) // P
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(rows)} prompts is fewer than one batch of --prompts-per-step {P}")
+        long = f" ({n_long} more are over --max-prompt-len {args.max_prompt_len})" if n_long else ""
+        raise SystemExit(f"error: {len(rows)} prompts{long} is fewer than one batch of --prompts-per-step {P}")
 
     resumed = find_checkpoint(args.out) if args.resume else None
     if args.resume and resumed is None:
@@ -428,7 +428,8 @@ if __name__ == "__main__":
     ref = load_model(args.ckpt, device, requires_grad=False, compile=args.compile).eval() if need_ref else None
     vm = None
     if args.advantage == "gae":
-        vm = ValueModel.from_pretrained(args.value_ckpt or args.ckpt, device, args.grad_checkpoint, args.compile)
+        vm = read_checkpoint(ValueModel.from_pretrained, args.value_ckpt or args.ckpt, device=device,
+                             grad_checkpoint=args.grad_checkpoint, compile=args.compile)
         if is_dist():  # the head joins the FSDP2 mesh too (the body's blocks were sharded by load_model)
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
@@ -445,6 +446,9 @@ if __name__ == "__main__":
     st = resume(resumed, args.out, policy, popt)
     start, beta = st["step"], st.get("beta", args.beta)
     if resumed and vm is not None:
+        if st.get("value") is None:
+            raise SystemExit(f"error: {resumed} was saved without a value model (by --advantage grpo or rloo); "
+                             f"resume it with the same --advantage")
         set_state(vm, vopt, st["value"]["model"], st["value"]["optimizer"])
     del st
 

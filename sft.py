@@ -27,9 +27,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, cleanup, evaluate, find_checkpoint,
-                    init_distributed, load_model, log_metrics, lr_at, plan_steps, positive, print0, resume,
-                    save_checkpoint, seed_everything, write_json)
+from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, check_out, cleanup, count, evaluate,
+                    find_checkpoint, init_distributed, load_model, log_metrics, lr_at, number, plan_steps, positive,
+                    print0, read_checkpoint, resume, save_checkpoint, seed_everything, write_json)
 from data import DataError, encode_sft, epoch_order, load_mixture, pack_batch, pad_batch, sft_row
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,13 +49,13 @@ p.add_argument("--chat-template", default=None, help="own: the checkpoint's (Tü
                "Tülu 3's in any case (open-instruct's default); or a .jinja file. Saved with the output")
 p.add_argument("--add-bos", action="store_true", help="prepend BOS to the chat template (saved with the output): "
                "for base models pretrained with BOS whose template does not write it")
-p.add_argument("--val-frac", type=float, default=None, help="share of each data file held out for validation loss")
+p.add_argument("--val-frac", type=number(0, 1), default=None, help="share of each data file held out for validation loss")
 p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end")
-p.add_argument("--eval-n", type=int, default=None, help="score only the first N held-out prompts (0: none)")
+p.add_argument("--eval-n", type=count, default=None, help="score only the first N held-out prompts (0: none)")
 p.add_argument("--eval-max-new-tokens", type=positive, default=64, help="greedy tokens per held-out prompt (the tiny "
                "tasks need 64; chain-of-thought answers such as GSM8K's need 512 or more)")
 # optimization
-p.add_argument("--epochs", type=float, default=None)
+p.add_argument("--epochs", type=number(0, above=True), default=None)
 p.add_argument("--max-steps", type=positive, default=None, help="stop after this many optimizer steps")
 p.add_argument("--batch-size", type=positive, default=None, help="examples per optimizer step, all ranks")
 p.add_argument("--micro-batch-size", type=positive, default=None, help="examples per forward, per rank")
@@ -83,6 +83,7 @@ for k, v in PRESETS[args.preset].items():
 # -----------------------------------------------------------------------------
 # setup
 
+check_out(args.out)
 rank, world, device = init_distributed()
 seed_everything(args.seed + rank)
 from tokenizer import Tokenizer  # noqa: E402
@@ -103,7 +104,7 @@ ckpt = args.ckpt
 resumed = find_checkpoint(args.out) if args.resume else None
 if args.resume and resumed is None:
     print0(f"--resume: no checkpoint in {args.out}, starting fresh")
-tok = Tokenizer.from_pretrained(ckpt)
+tok = read_checkpoint(Tokenizer.from_pretrained, ckpt)
 try:
     tok.use_chat_template(args.chat_template)
 except (OSError, ValueError) as e:

@@ -34,6 +34,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Tok
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
+from model import read_json
+
 # The Tülu 3 chat template, verbatim from open-instruct (CHAT_TEMPLATES["tulu"] in
 # dataset_processor.py@bf5774953, unchanged at HEAD in dataset_transformation.py), the double
 # space included. No BOS; <|user|> etc. are plain text, not special tokens. Renders:
@@ -105,16 +107,6 @@ def compile_template(source):
 # reading the checkpoint's json files
 
 
-def _read_json(path):
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-
-
 def _content(v):
     # special tokens are stored as "<s>" or as AddedToken dicts {"content": "<s>", "lstrip": false, ...}
     return v.get("content") if isinstance(v, dict) else v if isinstance(v, str) else None
@@ -163,8 +155,8 @@ class Tokenizer:
             tok = _Tok.from_file(file)
         except Exception as e:
             raise ValueError(f"{file}: cannot be read by the tokenizers package: {e}") from None
-        cfg = _read_json(os.path.join(path, "tokenizer_config.json")) or {}
-        smap = _read_json(os.path.join(path, "special_tokens_map.json")) or {}
+        cfg = read_json(os.path.join(path, "tokenizer_config.json")) or {}
+        smap = read_json(os.path.join(path, "special_tokens_map.json")) or {}
         # where the two files disagree (released checkpoints agree), transformers 5's rule: tokenizer_config.json
         # wins when it carries added_tokens_decoder (as transformers writes it), else special_tokens_map.json;
         # either fills in the tokens the other leaves unset
@@ -187,8 +179,8 @@ class Tokenizer:
         if os.path.isfile(jinja_file):
             with open(jinja_file, encoding="utf-8") as f:
                 template = f.read()
-        gen = _read_json(os.path.join(path, "generation_config.json")) or {}
-        mcfg = _read_json(os.path.join(path, "config.json")) or {}
+        gen = read_json(os.path.join(path, "generation_config.json")) or {}
+        mcfg = read_json(os.path.join(path, "config.json")) or {}
         eos_ids = _ids(gen.get("eos_token_id")) + _ids(mcfg.get("eos_token_id"))
         out = cls(tok, special, template, eos_ids, cfg)
         out.generation_config = gen  # written back on save, so every EOS id survives fine-tuning

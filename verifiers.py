@@ -794,13 +794,18 @@ def _follows(response, check, kw, loose):
     return False
 
 
-def ifeval(response, instruction_id_list, kwargs, loose=False):
-    """One bool per instruction: does `response` follow it (strict, or loose: any of 8 variants)?"""
+def ifeval_checks(instruction_id_list, kwargs):
+    """[(check function, its kwargs)] of an IFEval label; a bad label raises ValueError naming what is wrong."""
     kwargs = kwargs if kwargs is not None else [{}] * len(instruction_id_list)
     if len(kwargs) != len(instruction_id_list):
         raise ValueError("ifeval: instruction_id_list and kwargs differ in length")
-    kw = [ifeval_kwargs(i, k) for i, k in zip(instruction_id_list, kwargs)]  # raises on a bad label
-    checks = [(vif.IFEVAL[i][0], k) for i, k in zip(instruction_id_list, kw)]
+    kw = [ifeval_kwargs(i, k) for i, k in zip(instruction_id_list, kwargs)]  # raises on an unknown id first
+    return [(vif.IFEVAL[i][0], k) for i, k in zip(instruction_id_list, kw)]
+
+
+def ifeval(response, instruction_id_list, kwargs, loose=False):
+    """One bool per instruction: does `response` follow it (strict, or loose: any of 8 variants)?"""
+    checks = ifeval_checks(instruction_id_list, kwargs)
     return [bool(_guarded("ifeval", _follows, response, c, kw, loose, default=False)) for c, kw in checks]
 
 
@@ -830,23 +835,34 @@ def ifeval_label(ground_truth):
     raise ValueError(f"ifeval: ground truth has no instruction ids: {str(ground_truth)[:80]!r}")
 
 
-def verify(dataset, response, ground_truth):
-    """Score in [0, 1] of `response` against `ground_truth` for `dataset` (RL rewards 10 x this, as
-    Tülu 3). gsm8k/tiny_arith: last number; math: flex; ifeval/tiny_if: the fraction of instructions
-    followed (strict), or Tülu 3's binary function check for a `func_name` label."""
+def scorer(dataset, ground_truth):
+    """-> score(response), in [0, 1], against `ground_truth` for `dataset`. The ground truth is read here,
+    once: an unknown dataset or a label that cannot be read (no final number, an unbalanced box, an unknown
+    instruction) raises ValueError in one sentence, which is how data.rlvr_row rejects a bad row when it is
+    loaded rather than mid-training."""
     name = str(dataset).lower()
     if name in ("gsm8k", "tiny_arith"):
-        return gsm8k(response, ground_truth)
+        gold = gsm8k_gold(ground_truth)
+        return lambda response: _guarded("gsm8k", _gsm8k, response, gold)
     if name == "math":
-        return math(response, ground_truth)
+        gold = math_gold(ground_truth)
+        return lambda response: _guarded("math", _math, response, gold)
     if name in ("ifeval", "tiny_if"):
         kind, a, b = ifeval_label(ground_truth)
         if kind == "tulu3":
             fn, args = vif.tulu3_check(a, b)
-            return float(bool(_guarded("ifeval", lambda r: fn(r.strip(), **args), response)))
-        follows = ifeval(response, a, b)
-        return sum(follows) / len(follows)
+            return lambda response: float(bool(_guarded("ifeval", lambda r: fn(r.strip(), **args), response)))
+        checks = ifeval_checks(a, b)
+        return lambda response: sum(bool(_guarded("ifeval", _follows, response, c, kw, False, default=False))
+                                    for c, kw in checks) / len(checks)
     raise ValueError(f"verify: unknown dataset {dataset!r}; known: gsm8k, math, ifeval, tiny_arith, tiny_if")
+
+
+def verify(dataset, response, ground_truth):
+    """Score in [0, 1] of `response` against `ground_truth` for `dataset` (RL rewards 10 x this, as
+    Tülu 3). gsm8k/tiny_arith: last number; math: flex; ifeval/tiny_if: the fraction of instructions
+    followed (strict), or Tülu 3's binary function check for a `func_name` label."""
+    return scorer(dataset, ground_truth)(response)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--sympy-worker"]:

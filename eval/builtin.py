@@ -13,7 +13,7 @@ import time
 from tqdm import tqdm
 
 from common import evaluate
-from eval.common import cleanup, gather, parser, rank_world, save, setup
+from eval.common import cleanup, gather, parser, rank_world, run, save, setup
 from tasks import make_tasks
 
 
@@ -53,4 +53,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 # cleanup and positive: for the benchmark scripts
-from common import cleanup, init_distributed, is_dist, positive, print0, write_json  # noqa: F401
+from common import (check_out, cleanup, init_distributed, is_dist, positive, print0,  # noqa: F401
+                    read_checkpoint, write_json)
 from data import DataError, read_jsonl
 from model import Llama, generate
 from tokenizer import Tokenizer
@@ -44,6 +45,14 @@ def parser(name, doc, max_new_tokens, data=True):
     p.add_argument("--max-new-tokens", type=positive, default=max_new_tokens,
                    help=f"default {max_new_tokens} (the protocol's)")
     return p
+
+
+def run(main):
+    """A benchmark's main(), with bad data reported as the one sentence naming its file and line."""
+    try:
+        main()
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def load_rows(path, keys, limit=None, check=None):
@@ -67,10 +76,12 @@ def load_rows(path, keys, limit=None, check=None):
 
 def setup(args, name):
     """-> (model, tok, out folder). Every rank loads the whole model: bf16 on a GPU, fp32 on the CPU."""
+    if args.out:
+        check_out(args.out)
     rank, world, device = init_distributed()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = Llama.from_pretrained(args.ckpt, device=device, dtype=dtype).eval()
-    tok = Tokenizer.from_pretrained(args.ckpt)
+    model = read_checkpoint(Llama.from_pretrained, args.ckpt, device=device, dtype=dtype).eval()
+    tok = read_checkpoint(Tokenizer.from_pretrained, args.ckpt)
     print0(f"{name}: {args.ckpt} on {world} x {device.type} ({dtype}), batch {args.batch_size}, "
            f"max {args.max_new_tokens} new tokens")
     return model, tok, args.out or os.path.join(args.ckpt, "eval", name)

@@ -17,7 +17,7 @@ import re
 import time
 
 import verifiers
-from eval.common import cleanup, complete, load_rows, parser, render, save, setup
+from eval.common import cleanup, complete, load_rows, parser, render, run, save, setup
 
 FEWSHOT = [  # (question, chain of thought), in the paper's order
     ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, "
@@ -87,4 +87,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -14,7 +14,7 @@ import os
 import time
 
 import verifiers
-from eval.common import cleanup, complete, load_rows, parser, render, save, setup
+from eval.common import cleanup, complete, load_rows, parser, render, run, save, setup
 
 
 def score(rows, responses):
@@ -56,4 +56,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

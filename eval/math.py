@@ -25,7 +25,7 @@ import re
 import time
 
 import verifiers
-from eval.common import cleanup, complete, load_rows, parser, render, save, setup
+from eval.common import cleanup, complete, load_rows, parser, render, run, save, setup
 
 STOPS = ["Problem:"]
 
@@ -114,4 +114,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -430,3 +430,29 @@ def test_bad_preference_data_is_one_clear_error(tiny, tmp_path, monkeypatch, cap
             runpy.run_path(os.path.join(ROOT, "dpo.py"), run_name="__main__")
         err = str(e.value)
         assert err.startswith(f"error: {path}{msg}") and "\n" not in err, err
+
+
+def test_flags_refused_before_any_work(tiny, tmp_path, monkeypatch, capsys):
+    # a beta that IPO divides by, label smoothing IPO does not define: refused at the command line, not after
+    # the reference pass (hours at 8B)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for extra, msg in [(["--loss-type", "ipo", "--beta", "0"], "argument --beta: expected a number > 0, got '0'"),
+                       (["--label-smoothing", "0.7"], "argument --label-smoothing: expected a number >= 0 and <= 0.5"),
+                       (["--loss-type", "ipo", "--label-smoothing", "0.1"],
+                        "error: --label-smoothing is defined for the sigmoid losses, not ipo")]:
+        monkeypatch.setattr(sys, "argv", ["dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--out",
+                                          str(tmp_path / "o"), *extra])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(ROOT, "dpo.py"), run_name="__main__")
+        assert msg in (str(e.value) if e.value.code != 2 else capsys.readouterr().err), extra
+
+
+def test_a_damaged_reference_cache_is_recomputed(tiny, tmp_path):
+    out = tmp_path / "c"
+    run_dpo(tiny, out, "--max-steps", 1)
+    (cache,) = [tmp_path / f for f in os.listdir(tmp_path) if f.startswith("c.ref-")]
+    good = torch.load(cache)["logps"]
+    cache.write_bytes(b"PK\x03\x04 cut short")
+    log = run_dpo(tiny, out, "--max-steps", 1)
+    assert f"cannot read {cache}" in log and "computing them again" in log
+    assert torch.equal(torch.load(cache)["logps"], good)

@@ -297,3 +297,19 @@ def test_cli_cuda(ckpt, tmp_path):
     recs = [json.loads(x) for x in open(tmp_path / "predictions.jsonl", encoding="utf-8")]
     assert "1 x cuda (torch.bfloat16)" in r.stdout and summary["n"] == len(recs) == 20
     assert all(x["n_tokens"] <= 512 and x["finish_reason"] in ("eos", "stop", "length") for x in recs)
+
+
+def test_cli_errors_are_one_sentence(ckpt, tmp_path):
+    # bad data, a missing checkpoint, an --out that is a file: one line, before any generation
+    (tmp_path / "gsm8k").mkdir()
+    bad = tmp_path / "gsm8k" / "test.jsonl"
+    bad.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q"}\n')
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for args, msg in [(["--ckpt", ckpt, "--data", str(tmp_path)], f"error: {bad}:2: missing field(s) ['answer']"),
+                      (["--ckpt", str(tmp_path / "none")], f"error: {tmp_path / 'none'}/config.json not found"),
+                      (["--ckpt", ckpt, "--out", str(afile)], f"error: --out {afile} is a file")]:
+        r = subprocess.run([sys.executable, "-m", "eval.gsm8k", *args], cwd=ROOT, env=ENV, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1].startswith(msg), r.stderr[-2000:]

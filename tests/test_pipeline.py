@@ -26,3 +26,10 @@ def test_fast_pipeline(tmp_path):
         assert res[stage]["accuracy"] == ev["accuracy"]
         assert os.path.isfile(out / stage / "model.safetensors") and os.path.isfile(out / stage / "metrics.jsonl")
     assert "| seed | sft" in r.stdout  # the table was printed
+
+
+def test_stage_arguments_are_checked_first(tmp_path):
+    r = subprocess.run([sys.executable, "pipeline.py", "--sft-args", "--lr '3e-3", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("error: --sft-args: No closing quotation")
+    assert os.listdir(tmp_path) == []  # nothing ran

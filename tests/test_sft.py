@@ -6,6 +6,7 @@ data.py and sft.py: assistant-only targets, packing, loss normalisation, FSDP2 p
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -370,3 +371,103 @@ def test_a_stage_reuses_only_an_evaluation_of_the_same_prompts(tmp_path):
     model = torch.nn.Linear(2, 2)
     assert common.resume(None, str(tmp_path), model, torch.optim.AdamW(model.parameters())) == {"step": 0}
     assert not path.exists()
+
+
+def test_a_save_keeps_what_else_the_directory_holds(tiny, tmp_path):
+    # the swap replaces the checkpoint's own files only: a user's files and folders in --out survive (they were
+    # deleted with the old directory), while an earlier save's shards, template and optimizer state do not
+    tok = Tokenizer.from_pretrained(tiny[0])
+    model = Llama.from_pretrained(tiny[0])
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("keep me")
+    (out / "sub" / "x.py").write_text("print(1)")
+    (out / "metrics.jsonl").write_text('{"step": 0}\n')
+    os.symlink("notes.txt", out / "link")
+    for stale in ("model-00001-of-00002.safetensors", "model.safetensors.index.json", "chat_template.jinja",
+                  "train_state.pt"):
+        (out / stale).write_text("stale")
+    common.save_checkpoint(str(out), model, tok)  # no optimizer: no train_state.pt of its own
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "sub" / "x.py").read_text() == "print(1)"
+    assert (out / "metrics.jsonl").read_text() == '{"step": 0}\n' and os.readlink(out / "link") == "notes.txt"
+    assert not any((out / f).exists() for f in ("model-00001-of-00002.safetensors", "model.safetensors.index.json",
+                                                "chat_template.jinja", "train_state.pt"))
+    assert max_diff(weights(str(out)), weights(tiny[0])) == 0 and sorted(os.listdir(tmp_path)) == ["mine"]
+
+
+def test_number_flags_are_checked_at_the_command_line(tiny, tmp_path):
+    import argparse
+    for parse, bad, msg in [(common.number(0), "-1", "a number >= 0"), (common.number(0, 1), "1.5", ">= 0 and <= 1"),
+                            (common.number(0, above=True), "0", "a number > 0"), (common.number(0), "nan", ">= 0"),
+                            (common.number(0), "x", "expected a number, got 'x'"), (common.count, "-1", ">= 0")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=msg):
+            parse(bad)
+    assert common.number(0, 1)("0.25") == 0.25 and common.count("0") == 0
+    base, path = tiny
+    for flag, value, msg in [("--lr", "-1", "argument --lr: expected a number >= 0, got '-1'"),
+                             ("--val-frac", "-0.5", "argument --val-frac: expected a number >= 0 and <= 1"),
+                             ("--epochs", "-1", "argument --epochs: expected a number > 0"),
+                             ("--eval-n", "-1", "argument --eval-n: expected a whole number >= 0")]:
+        r = subprocess.run([sys.executable, "sft.py", "--ckpt", base, "--data", path, flag, value, "--out",
+                            str(tmp_path / "o")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and msg in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+
+
+def test_bad_checkpoints_and_outputs_are_one_sentence(tiny, tmp_path):
+    # before any work, and without a traceback: a missing or broken --ckpt, an --out that is a file, a damaged
+    # train_state.pt on --resume
+    base, path = tiny
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    cfg = json.load(open(broken / "config.json"))
+    del cfg["hidden_size"]
+    (broken / "config.json").write_text(json.dumps(cfg))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for ckpt, out, msg in [(tmp_path / "none", tmp_path / "o", f"error: {tmp_path / 'none'}/tokenizer.json not found"),
+                           (broken, tmp_path / "o", f"error: {broken}/config.json: 'hidden_size' is missing"),
+                           (base, afile, f"error: --out {afile} is a file; it must be a directory")]:
+        r = subprocess.run([sys.executable, "sft.py", "--ckpt", str(ckpt), "--data", path, "--out", str(out)],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1].startswith(msg), r.stderr[-2000:]
+    (broken / "config.json").write_text('{"vocab_size": 300,\n')
+    with pytest.raises(ValueError, match="config.json: invalid JSON at line 2"):
+        Llama.from_pretrained(str(broken))
+    model = torch.nn.Linear(2, 2)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_state.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(SystemExit, match="train_state.pt cannot be read .*: the checkpoint is damaged"):
+        common.load_train_state(str(tmp_path / "run"), model, torch.optim.AdamW(model.parameters()))
+
+
+def test_rows_named_when_their_label_cannot_be_scored(tmp_path):
+    # an RLVR row whose ground truth its verifier cannot read stops the run at load time (it stopped PPO at the
+    # step that sampled it, hours in); --skip-bad skips it
+    msgs = [{"role": "user", "content": "q"}]
+    rows = [{"messages": msgs, "ground_truth": "#### 4", "dataset": "gsm8k"},
+            {"messages": msgs, "ground_truth": "n/a", "dataset": "gsm8k"},
+            {"messages": msgs, "ground_truth": "4", "dataset": "unknown"},
+            {"messages": msgs, "ground_truth": "{not json", "dataset": "ifeval"},
+            {"messages": msgs, "ground_truth": "\\boxed{1", "dataset": "math"},
+            {"messages": msgs, "ground_truth": json.dumps({"func_name": "no_such_check"}), "dataset": "ifeval"}]
+    path = tmp_path / "rl.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for i, msg in enumerate(["does not end in a number", "unknown dataset 'unknown'", "cannot parse ground truth",
+                             "last box is unbalanced", "unknown Tülu 3 func_name"], 2):
+        with pytest.raises(data.DataError, match=f"{path}:{i}: .*{msg}"):
+            data.rlvr_row(rows[i - 1], f"{path}:{i}")
+    got, skipped = data.load_mixture([str(path)], data.rlvr_row, skip_bad=True)
+    assert (len(got), skipped) == (1, 5)
+
+
+def test_more_bad_data_messages(tmp_path):
+    good = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+    (tmp_path / "a.jsonl").write_text(good * 10)
+    with pytest.raises(data.DataError, match=f"{tmp_path}: is a directory, not a JSONL file"):
+        data.load_mixture([str(tmp_path)], data.sft_row)
+    for amount in ("0", "0.01"):  # rounds to no row: surely not what was meant
+        with pytest.raises(data.DataError, match="takes no row .the file has 10 usable rows"):
+            data.load_mixture([f"{tmp_path / 'a.jsonl'}:{amount}"], data.sft_row)
+    with pytest.raises(data.DataError, match=r"f:1: no 'messages' field \(the row has \['conversations'\]\)"):
+        data.sft_row({"conversations": []}, "f:1")
