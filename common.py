@@ -125,9 +125,14 @@ def read_checkpoint(load, path, **kw):
 
 
 def check_out(path):
-    """Refuses, before any work, an --out that exists as a file: the checkpoint is a directory (made if missing)."""
+    """Refuses, before any work, an --out that exists as a file (the checkpoint is a directory, made if
+    missing) or that holds the working directory (a save swaps the whole directory)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise SystemExit(f"error: --out {path} is a file; it must be a directory (made if missing)")
+    here, out = os.path.realpath(os.getcwd()), os.path.realpath(path)
+    if here == out or here.startswith(out.rstrip(os.sep) + os.sep):
+        raise SystemExit(f"error: --out {path} is, or holds, the working directory; a save replaces it whole: "
+                         "give the run a directory of its own")
 
 
 def full_state_dict(model):
@@ -165,7 +170,7 @@ def number(lo=-math.inf, hi=math.inf, above=False):
             v = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        if not ((v > lo if above else v >= lo) and v <= hi):  # nan fails too
+        if not ((v > lo if above else v >= lo) and v <= hi and math.isfinite(v)):  # nan fails too
             want = [f"> {lo:g}" if above else f">= {lo:g}"] * (lo > -math.inf) + [f"<= {hi:g}"] * (hi < math.inf)
             raise argparse.ArgumentTypeError(f"expected a number {' and '.join(want)}, got {s!r}")
         return v
@@ -304,24 +309,36 @@ def load_train_state(ckpt, model, optimizer):
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
         raise SystemExit(f"error: {path} cannot be read ({str(e).splitlines()[0]}): the checkpoint is damaged; "
                          f"run without --resume, or put back a copy of {ckpt}") from None
+    flags = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     set_state(model, optimizer, st.get("model"), st["optimizer"])
+    for g, f in zip(optimizer.param_groups, flags):  # the saved moments, but this run's --weight-decay, betas, lr
+        g.update(f)
     random.setstate(st["rng"]["python"])
     np.random.set_state(st["rng"]["numpy"])
     torch.set_rng_state(st["rng"]["torch"])
     return st
 
 
-def resume(resumed, out, model, optimizer):
-    """The saved state to continue from: load_train_state's when `resumed` is a checkpoint, {"step": 0}
-    for a fresh run. Either way the metrics rows logged at or after that step are dropped: they are
-    about to be redone (all of them, for a fresh run, which also drops an earlier run's eval.json)."""
+def resume(resumed, out, model, optimizer, args, total):
+    """The saved state to continue from: load_train_state's when `resumed` is a checkpoint (refused past this
+    run's `total` steps; the flags that differ from the saved run's `args` are listed), {"step": 0} for a
+    fresh run. Either way the metrics rows logged at or after that step are dropped: they are about to be
+    redone (all of them, for a fresh run, which also drops an earlier run's evaluations)."""
     st = load_train_state(resumed, model, optimizer) if resumed else {"step": 0}
     if resumed:
         print0(f"resumed from {resumed} at step {st['step']}")
+        if st["step"] > total:
+            raise SystemExit(f"error: the checkpoint in {out} is at step {st['step']}, past this run's {total} steps")
+        saved = st.get("args", {})
+        changed = [f"--{k.replace('_', '-')} {v} (saved: {saved[k]})" for k, v in vars(args).items()
+                   if k in saved and saved[k] != v and k != "resume"]
+        if changed:  # as the flags say from here on (data order, schedule, ...): said, not silent
+            print0("--resume: flags that differ from the saved run's, in effect from here: " + ", ".join(changed))
     elif not is_dist() or dist.get_rank() == 0:  # an earlier run's results in this directory are not this run's
         for f in ("eval.json", "start_eval.json"):
             if os.path.isfile(os.path.join(out, f)):
                 os.remove(os.path.join(out, f))
+        shutil.rmtree(os.path.join(out, "eval"), ignore_errors=True)  # eval/*.py's outputs for an earlier model
     trim_metrics(out, st["step"])
     return st
 
@@ -364,7 +381,12 @@ def trim_metrics(out, step):
     path = os.path.join(out, "metrics.jsonl")
     if (is_dist() and dist.get_rank() != 0) or not os.path.isfile(path):
         return
-    keep = [ln for ln in open(path) if json.loads(ln).get("step", -1) < step]
+    def before(ln):  # a line cut short by a kill is dropped
+        try:
+            return json.loads(ln).get("step", -1) < step
+        except json.JSONDecodeError:
+            return False
+    keep = [ln for ln in open(path) if before(ln)]
     with open(path, "w") as f:
         f.writelines(keep)
 

@@ -166,7 +166,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     # on a fixed set; RLVR, which keeps sampling, then has room to add to it
     p.add_argument("--n-prompts", type=positive, default=300, help="built-in preference prompts to sample from")
     p.add_argument("--samples-per-prompt", type=positive, default=4)
-    p.add_argument("--sample-temperature", type=number(0), default=1.0)
+    p.add_argument("--sample-temperature", type=number(0, above=True), default=1.0)
     p.add_argument("--max-new-tokens", type=positive, default=64)
     # optimization
     p.add_argument("--epochs", type=number(0, above=True), default=None)
@@ -381,7 +381,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
         model = load_model(resumed, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile)
     model.train()
     opt = build_optimizer(model, args.lr, args.weight_decay)
-    start = resume(resumed, args.out, model, opt)["step"]
+    start = resume(resumed, args.out, model, opt, args, total)["step"]
     save_dtype = torch.bfloat16 if args.save_dtype == "bf16" else torch.float32
     bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, desc="dpo")
     for step in bar:

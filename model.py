@@ -53,13 +53,13 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, d: dict, name: str = "config.json"):
         """Builds the config from an HF config.json dict; fields we do not implement are an error."""
+        arch = d.get("model_type", "llama")
+        if arch not in ("llama", "qwen2"):
+            raise ValueError(f"{name}: model_type {arch!r} is not supported (llama, qwen2 are)")
         need = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
         missing = [k for k in need if not isinstance(d.get(k), int)]
         if missing:
             raise ValueError(f"{name}: {missing[0]!r} is missing or not a whole number")
-        arch = d.get("model_type", "llama")
-        if arch not in ("llama", "qwen2"):
-            raise ValueError(f"{name}: model_type {arch!r} is not supported (llama, qwen2 are)")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{name}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
         if d.get("mlp_bias") or (arch == "llama" and d.get("attention_bias")):
@@ -388,13 +388,19 @@ class Llama(nn.Module):
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(self.cfg.to_hf(dtype), f, indent=2)
             meta = {"format": "pt"}
+            umask = os.umask(0)
+            os.umask(umask)
+
+            def write(shard, fname):  # safetensors makes its files owner-only (0600): the umask's mode instead
+                save_file(shard, os.path.join(tmp, fname), metadata=meta)
+                os.chmod(os.path.join(tmp, fname), 0o666 & ~umask)
             if len(shards) == 1:
-                save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata=meta)
+                write(shards[0], "model.safetensors")
             else:
                 weight_map = {}
                 for i, shard in enumerate(shards):
                     fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                    save_file(shard, os.path.join(tmp, fname), metadata=meta)
+                    write(shard, fname)
                     weight_map.update({k: fname for k in shard})
                 total = sum(v.numel() * v.element_size() for v in sd.values())
                 with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
@@ -412,7 +418,7 @@ def new_dir_beside(path):
     earlier save left there is removed first (an 8B checkpoint is 16 GB or more). Made by os.makedirs,
     so it gets the umask's mode as transformers' saves do (not mkdtemp's owner-only 0700, which would
     keep a vLLM server or a teammate running as another user out of the checkpoint)."""
-    path = os.path.abspath(path)  # "out/sft/" is "out/sft"; "." is the directory, not a file in it
+    path = os.path.realpath(path)  # "out/sft/" is "out/sft"; a symlink's target is replaced, not the link
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -427,10 +433,16 @@ def _fsync(path):
         os.close(fd)
 
 
-# What a checkpoint is made of: never carried from a directory into its replacement (an earlier save's shard,
-# index, template or optimizer state would be read as part of the new checkpoint)
+# What a checkpoint is made of, here or in the HF checkpoints a --out may have held: never carried from a
+# directory into its replacement (an earlier save's shards, weights in another format, tokenizer files or
+# optimizer state would be read as part of the new checkpoint)
 CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                    "special_tokens_map.json", "chat_template.jinja", "model.safetensors.index.json", "train_state.pt")
+                    "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
+                    "chat_template.jinja", "chat_template.json", "train_state.pt")
+
+
+def checkpoint_file(name):
+    return name in CHECKPOINT_FILES or name.startswith(("model.safetensors", "model-0", "pytorch_model"))
 
 
 def _link(src, dst):
@@ -441,25 +453,28 @@ def _link(src, dst):
 
 
 def replace_dir(tmp, path):
-    """Moves a fully written directory `tmp` to `path`, replacing an existing one; the old one is
-    only deleted once the new one is in place, so a crash leaves either the old or the new. What else
-    the old one holds (a run's metrics.jsonl and eval.json, evaluation outputs, anything a user keeps
-    there) goes along into the new one, as transformers' save_pretrained leaves other files alone: only
-    the checkpoint's own files are replaced. The new files are flushed to disk (fsync) before the swap,
-    so a power loss cannot leave a checkpoint in place whose shards were still in the page cache."""
-    path = os.path.abspath(path)
+    """Moves a fully written directory `tmp` to `path` (a symlink's target), replacing an existing one;
+    the old one is only deleted once the new one is in place, so a crash leaves either the old or the new.
+    What else the old one holds goes along into the new one, as transformers' save_pretrained leaves other
+    files alone: the run's logs (.json/.jsonl, copied: metrics.jsonl is appended to in place) and, hard-
+    linked, anything else (evaluation outputs, a user's files); only the checkpoint's own files are
+    replaced. The new files are flushed to disk (fsync) before the swap, so a power loss cannot leave a
+    checkpoint in place whose shards were still in the page cache."""
+    path = os.path.realpath(path)
     for f in os.listdir(path) if os.path.isdir(path) else []:
         src, dst = os.path.join(path, f), os.path.join(tmp, f)
-        if os.path.lexists(dst) or f in CHECKPOINT_FILES or (f.startswith("model") and f.endswith(".safetensors")):
+        if os.path.lexists(dst) or checkpoint_file(f):
             continue
         if os.path.islink(src):
             os.symlink(os.readlink(src), dst)
         elif os.path.isdir(src):
             shutil.copytree(src, dst, symlinks=True, copy_function=_link)
+        elif f.endswith((".json", ".jsonl")):
+            shutil.copy2(src, dst)
         else:
             _link(src, dst)
     for f in [os.path.join(tmp, f) for f in os.listdir(tmp)] + [tmp]:  # the files, then their directory entries
-        if not os.path.islink(f):
+        if os.path.isdir(f) or os.path.isfile(f) and not os.path.islink(f):  # (not a FIFO: opening it would block)
             _fsync(f)
     old = None
     if os.path.exists(path):

@@ -443,8 +443,9 @@ if __name__ == "__main__":
         """Full state of the value model and its optimizer (rank 0; collective under FSDP)."""
         return None if vm is None else {"model": full_state_dict(vm), "optimizer": optimizer_state(vm, vopt)}
 
-    st = resume(resumed, args.out, policy, popt)
-    start, beta = st["step"], st.get("beta", args.beta)
+    st = resume(resumed, args.out, policy, popt, args, args.steps)
+    # an adaptive beta goes on from where it was (--beta is its start); a fixed one is the flag's
+    start, beta = st["step"], st.get("beta", args.beta) if args.kl_target is not None else args.beta
     if resumed and vm is not None:
         if st.get("value") is None:
             raise SystemExit(f"error: {resumed} was saved without a value model (by --advantage grpo or rloo); "

@@ -89,21 +89,23 @@ seed_everything(args.seed + rank)
 from tokenizer import Tokenizer  # noqa: E402
 
 held_out = None
+resumed = find_checkpoint(args.out) if args.resume else None
+if args.resume and resumed is None:
+    print0(f"--resume: no checkpoint in {args.out}, starting fresh")
 if args.ckpt is None and args.data is None:
     # the embedded default: built-in tasks, a tokenizer trained on their text, a model from scratch
     from tasks import make_base_checkpoint, make_tasks
     sft_rows, _, _, held_out = make_tasks(seed=args.seed)
     args.ckpt = os.path.join(os.path.dirname(os.path.normpath(args.out)) or ".", "base")
-    if rank == 0:  # one writer; the other ranks read it once it is complete
+    # one writer, the other ranks read it once it is complete; a resumed run keeps the base (and tokenizer)
+    # its checkpoint was trained from
+    if rank == 0 and not (resumed and os.path.isfile(os.path.join(args.ckpt, "tokenizer.json"))):
         make_base_checkpoint(args.ckpt, sft_rows, args.seed)
     if world > 1:
         torch.distributed.barrier()
 elif args.ckpt is None or args.data is None:
     raise SystemExit("give both --ckpt and --data (or neither, for the built-in tiny default)")
 ckpt = args.ckpt
-resumed = find_checkpoint(args.out) if args.resume else None
-if args.resume and resumed is None:
-    print0(f"--resume: no checkpoint in {args.out}, starting fresh")
 tok = read_checkpoint(Tokenizer.from_pretrained, ckpt)
 try:
     tok.use_chat_template(args.chat_template)
@@ -193,7 +195,7 @@ def val_loss():
 # training loop
 
 opt = build_optimizer(model, args.lr, args.weight_decay)
-start = resume(resumed, args.out, model, opt)["step"]
+start = resume(resumed, args.out, model, opt, args, total)["step"]
 save_dtype = torch.bfloat16 if args.save_dtype == "bf16" else torch.float32
 bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, desc="sft")
 for step in bar:

@@ -761,8 +761,10 @@ _INT_KWARGS = {"frequency", "let_frequency", "num_sentences", "num_paragraphs", 
 def ifeval_kwargs(instruction_id, kwargs):
     """kwargs with None values dropped, validated; an error names what is wrong (the reference would
     silently draw a random value for a missing or negative number)."""
-    if instruction_id not in vif.IFEVAL:
+    if not isinstance(instruction_id, str) or instruction_id not in vif.IFEVAL:
         raise ValueError(f"ifeval: unknown instruction id {instruction_id!r}")
+    if not isinstance(kwargs, (dict, type(None))):
+        raise ValueError(f"ifeval: {instruction_id} has kwargs {kwargs!r}, not a JSON object")
     kw = {k: v for k, v in (kwargs or {}).items() if v is not None}
     need = vif.IFEVAL[instruction_id][1]
     if set(kw) != set(need):
@@ -771,7 +773,8 @@ def ifeval_kwargs(instruction_id, kwargs):
         bad = ((k in _INT_KWARGS and (not isinstance(v, int) or isinstance(v, bool) or v < 0))
                or (k.endswith("relation") and v not in vif.RELATIONS)
                or (k == "letter" and len(str(v).strip()) != 1)
-               or (k == "nth_paragraph" and not 1 <= v <= kw["num_paragraphs"]))
+               or (k == "nth_paragraph" and not (isinstance(kw["num_paragraphs"], int) and
+                                                 1 <= v <= kw["num_paragraphs"])))
         if bad:
             raise ValueError(f"ifeval: {instruction_id} has an invalid {k}={v!r}")
     return kw
@@ -797,8 +800,8 @@ def _follows(response, check, kw, loose):
 def ifeval_checks(instruction_id_list, kwargs):
     """[(check function, its kwargs)] of an IFEval label; a bad label raises ValueError naming what is wrong."""
     kwargs = kwargs if kwargs is not None else [{}] * len(instruction_id_list)
-    if len(kwargs) != len(instruction_id_list):
-        raise ValueError("ifeval: instruction_id_list and kwargs differ in length")
+    if not isinstance(kwargs, list) or len(kwargs) != len(instruction_id_list):
+        raise ValueError("ifeval: kwargs must be a list as long as instruction_id_list")
     kw = [ifeval_kwargs(i, k) for i, k in zip(instruction_id_list, kwargs)]  # raises on an unknown id first
     return [(vif.IFEVAL[i][0], k) for i, k in zip(instruction_id_list, kw)]
 

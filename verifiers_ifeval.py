@@ -470,4 +470,7 @@ def tulu3_check(func_name, args):
     fn, need = TULU3[func_name]
     if set(args) != set(need):
         raise ValueError(f"ifeval: {func_name} takes {sorted(need)}, got {sorted(args)}")
+    for k in ("N", "i"):  # counts: a "3" would silently never match
+        if k in args and (not isinstance(args[k], int) or isinstance(args[k], bool)):
+            raise ValueError(f"ifeval: {func_name} needs a whole number {k}, got {args[k]!r}")
     return fn, args

@@ -369,7 +369,7 @@ def test_a_stage_reuses_only_an_evaluation_of_the_same_prompts(tmp_path):
     assert common.earlier_eval(str(path), other, 64) is None
     assert common.earlier_eval(str(tmp_path / "none.json"), rows, 64) is None
     model = torch.nn.Linear(2, 2)
-    assert common.resume(None, str(tmp_path), model, torch.optim.AdamW(model.parameters())) == {"step": 0}
+    assert common.resume(None, str(tmp_path), model, torch.optim.AdamW(model.parameters()), None, 1) == {"step": 0}
     assert not path.exists()
 
 
@@ -384,15 +384,22 @@ def test_a_save_keeps_what_else_the_directory_holds(tiny, tmp_path):
     (out / "sub" / "x.py").write_text("print(1)")
     (out / "metrics.jsonl").write_text('{"step": 0}\n')
     os.symlink("notes.txt", out / "link")
-    for stale in ("model-00001-of-00002.safetensors", "model.safetensors.index.json", "chat_template.jinja",
-                  "train_state.pt"):
-        (out / stale).write_text("stale")
-    common.save_checkpoint(str(out), model, tok)  # no optimizer: no train_state.pt of its own
+    os.mkfifo(out / "fifo")  # carried, not opened (an fsync of it would block)
+    stale = ("model-00001-of-00002.safetensors", "model.safetensors.index.json", "chat_template.jinja",
+             "train_state.pt", "pytorch_model.bin", "vocab.json", "tokenizer.model")
+    for f in stale:
+        (out / f).write_text("stale")
+    inode = os.stat(out / "metrics.jsonl").st_ino
+    os.symlink(out, tmp_path / "alias")  # a symlinked --out: its target is replaced, the link stays
+    common.save_checkpoint(str(tmp_path / "alias"), model, tok)  # no optimizer: no train_state.pt of its own
     assert (out / "notes.txt").read_text() == "keep me" and (out / "sub" / "x.py").read_text() == "print(1)"
     assert (out / "metrics.jsonl").read_text() == '{"step": 0}\n' and os.readlink(out / "link") == "notes.txt"
-    assert not any((out / f).exists() for f in ("model-00001-of-00002.safetensors", "model.safetensors.index.json",
-                                                "chat_template.jinja", "train_state.pt"))
-    assert max_diff(weights(str(out)), weights(tiny[0])) == 0 and sorted(os.listdir(tmp_path)) == ["mine"]
+    assert os.stat(out / "metrics.jsonl").st_ino != inode  # a copy: appending to it changes no other copy
+    assert (out / "fifo").is_fifo() and not any((out / f).exists() for f in stale)
+    assert max_diff(weights(str(out)), weights(tiny[0])) == 0 and sorted(os.listdir(tmp_path)) == ["alias", "mine"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out / "model.safetensors").st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600
 
 
 def test_number_flags_are_checked_at_the_command_line(tiny, tmp_path):
@@ -402,6 +409,9 @@ def test_number_flags_are_checked_at_the_command_line(tiny, tmp_path):
                             (common.number(0), "x", "expected a number, got 'x'"), (common.count, "-1", ">= 0")]:
         with pytest.raises(argparse.ArgumentTypeError, match=msg):
             parse(bad)
+    for bad in ("inf", "-inf", "1e999"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            common.number(0)(bad)
     assert common.number(0, 1)("0.25") == 0.25 and common.count("0") == 0
     base, path = tiny
     for flag, value, msg in [("--lr", "-1", "argument --lr: expected a number >= 0, got '-1'"),
@@ -450,15 +460,24 @@ def test_rows_named_when_their_label_cannot_be_scored(tmp_path):
             {"messages": msgs, "ground_truth": "4", "dataset": "unknown"},
             {"messages": msgs, "ground_truth": "{not json", "dataset": "ifeval"},
             {"messages": msgs, "ground_truth": "\\boxed{1", "dataset": "math"},
-            {"messages": msgs, "ground_truth": json.dumps({"func_name": "no_such_check"}), "dataset": "ifeval"}]
+            {"messages": msgs, "ground_truth": json.dumps({"func_name": "no_such_check"}), "dataset": "ifeval"},
+            {"messages": msgs, "ground_truth": json.dumps({"func_name": "verify_keyword_frequency", "word": "cat",
+                                                           "N": "3"}), "dataset": "ifeval"},
+            {"messages": msgs, "ground_truth": json.dumps({"instruction_id_list": ["punctuation:no_comma"],
+                                                           "kwargs": {}}), "dataset": "ifeval"},
+            {"messages": msgs, "ground_truth": json.dumps({"instruction_id_list": [["x"]], "kwargs": [{}]}),
+             "dataset": "ifeval"},
+            {"messages": msgs, "ground_truth": json.dumps({"instruction_id_list": ["punctuation:no_comma"],
+                                                           "kwargs": ["x"]}), "dataset": "ifeval"}]
     path = tmp_path / "rl.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     for i, msg in enumerate(["does not end in a number", "unknown dataset 'unknown'", "cannot parse ground truth",
-                             "last box is unbalanced", "unknown Tülu 3 func_name"], 2):
+                             "last box is unbalanced", "unknown Tülu 3 func_name", "needs a whole number N, got '3'",
+                             "kwargs must be a list", r"unknown instruction id \['x'\]", "has kwargs 'x'"], 2):
         with pytest.raises(data.DataError, match=f"{path}:{i}: .*{msg}"):
             data.rlvr_row(rows[i - 1], f"{path}:{i}")
     got, skipped = data.load_mixture([str(path)], data.rlvr_row, skip_bad=True)
-    assert (len(got), skipped) == (1, 5)
+    assert (len(got), skipped) == (1, 9)
 
 
 def test_more_bad_data_messages(tmp_path):
@@ -471,3 +490,28 @@ def test_more_bad_data_messages(tmp_path):
             data.load_mixture([f"{tmp_path / 'a.jsonl'}:{amount}"], data.sft_row)
     with pytest.raises(data.DataError, match=r"f:1: no 'messages' field \(the row has \['conversations'\]\)"):
         data.sft_row({"conversations": []}, "f:1")
+
+
+def test_resume_says_what_changed_and_refuses_what_cannot_be(tiny, tmp_path, capsys):
+    # past the run's steps: refused (it saved the later weights as the earlier step); changed flags: listed;
+    # the optimizer's moments come back but --weight-decay is this run's (load_state_dict restored the saved);
+    # a metrics line cut short by a kill is dropped
+    from argparse import Namespace
+    tok = Tokenizer.from_pretrained(tiny[0])
+    model = Llama.from_pretrained(tiny[0])
+    out = str(tmp_path / "run")
+    opt = common.build_optimizer(model, 1e-3, weight_decay=0.0)
+    common.save_checkpoint(out, model, tok, opt, {"step": 4, "args": {"batch_size": 8, "lr": 1e-3, "resume": False}})
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        f.write('{"step": 0}\n{"step": 1}\n{"step": 2}\n{"step": 3}\n{"st')
+    args = Namespace(batch_size=16, lr=1e-3, resume=True)
+    opt = common.build_optimizer(model, 1e-3, weight_decay=0.5)
+    with pytest.raises(SystemExit, match="is at step 4, past this run's 3 steps"):
+        common.resume(out, out, model, opt, args, 3)
+    assert common.resume(out, out, model, opt, args, 6)["step"] == 4
+    assert "flags that differ from the saved run's, in effect from here: --batch-size 16 (saved: 8)" in capsys.readouterr().out
+    assert opt.param_groups[0]["weight_decay"] == 0.5
+    assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 4
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "--ckpt", tiny[0], "--data", tiny[1], "--out", "."],
+                       cwd=out, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: --out . is, or holds, the working")
