@@ -6,6 +6,7 @@ data.py and sft.py: assistant-only targets, packing, loss normalisation, FSDP2 p
 import gzip
 import json
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -402,7 +403,17 @@ def test_a_save_keeps_what_else_the_directory_holds(tiny, tmp_path):
     assert os.stat(out / "model.safetensors").st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600
 
 
-def test_number_flags_are_checked_at_the_command_line(tiny, tmp_path):
+def run_sft_here(monkeypatch, *argv):
+    """sft.py in this process up to its first SystemExit (the flags and inputs it refuses before any work) ->
+    the exception's message, or what argparse printed."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no process group in the test process
+    monkeypatch.setattr(sys, "argv", ["sft.py", *map(str, argv)])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, "sft.py"), run_name="__main__")
+    return str(e.value)
+
+
+def test_number_flags_are_checked_at_the_command_line(tiny, tmp_path, monkeypatch, capsys):
     import argparse
     for parse, bad, msg in [(common.number(0), "-1", "a number >= 0"), (common.number(0, 1), "1.5", ">= 0 and <= 1"),
                             (common.number(0, above=True), "0", "a number > 0"), (common.number(0), "nan", ">= 0"),
@@ -418,12 +429,11 @@ def test_number_flags_are_checked_at_the_command_line(tiny, tmp_path):
                              ("--val-frac", "-0.5", "argument --val-frac: expected a number >= 0 and <= 1"),
                              ("--epochs", "-1", "argument --epochs: expected a number > 0"),
                              ("--eval-n", "-1", "argument --eval-n: expected a whole number >= 0")]:
-        r = subprocess.run([sys.executable, "sft.py", "--ckpt", base, "--data", path, flag, value, "--out",
-                            str(tmp_path / "o")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2 and msg in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+        assert run_sft_here(monkeypatch, "--ckpt", base, "--data", path, flag, value, "--out", tmp_path / "o") == "2"
+        assert msg in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_bad_checkpoints_and_outputs_are_one_sentence(tiny, tmp_path):
+def test_bad_checkpoints_and_outputs_are_one_sentence(tiny, tmp_path, monkeypatch):
     # before any work, and without a traceback: a missing or broken --ckpt, an --out that is a file, a damaged
     # train_state.pt on --resume
     base, path = tiny
@@ -437,10 +447,8 @@ def test_bad_checkpoints_and_outputs_are_one_sentence(tiny, tmp_path):
     for ckpt, out, msg in [(tmp_path / "none", tmp_path / "o", f"error: {tmp_path / 'none'}/tokenizer.json not found"),
                            (broken, tmp_path / "o", f"error: {broken}/config.json: 'hidden_size' is missing"),
                            (base, afile, f"error: --out {afile} is a file; it must be a directory")]:
-        r = subprocess.run([sys.executable, "sft.py", "--ckpt", str(ckpt), "--data", path, "--out", str(out)],
-                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-        assert r.stderr.strip().splitlines()[-1].startswith(msg), r.stderr[-2000:]
+        err = run_sft_here(monkeypatch, "--ckpt", ckpt, "--data", path, "--out", out)  # SystemExit: no traceback
+        assert err.startswith(msg) and "\n" not in err, err
     (broken / "config.json").write_text('{"vocab_size": 300,\n')
     with pytest.raises(ValueError, match="config.json: invalid JSON at line 2"):
         Llama.from_pretrained(str(broken))
