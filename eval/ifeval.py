@@ -44,7 +44,7 @@ def main():
     t0 = time.time()
     rows = load_rows(os.path.join(args.data, "ifeval", "input_data.jsonl"),
                      ["key", "prompt", "instruction_id_list", "kwargs"], args.limit,
-                     check=lambda r: verifiers.ifeval("", r["instruction_id_list"], r["kwargs"]))  # kwargs validated
+                     check=lambda r: verifiers.ifeval_checks(r["instruction_id_list"], r["kwargs"]))  # labels validated
     model, tok, out = setup(args, "ifeval")
     prompts = [render(tok, [{"role": "user", "content": r["prompt"]}]) for r in rows]
     gens = complete(model, tok, prompts, args, desc="ifeval")
