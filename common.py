@@ -172,7 +172,8 @@ def number(lo=-math.inf, hi=math.inf, above=False):
             raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
         if not ((v > lo if above else v >= lo) and v <= hi and math.isfinite(v)):  # nan fails too
             want = [f"> {lo:g}" if above else f">= {lo:g}"] * (lo > -math.inf) + [f"<= {hi:g}"] * (hi < math.inf)
-            raise argparse.ArgumentTypeError(f"expected a number {' and '.join(want)}, got {s!r}")
+            raise argparse.ArgumentTypeError(f"expected a {'number ' + ' and '.join(want) if want else 'finite number'}"
+                                             f", got {s!r}")
         return v
     return parse
 
@@ -205,13 +206,14 @@ def add_optim_args(p):
     p.add_argument("--save-dtype", choices=["fp32", "bf16"], default=None)
 
 
-def build_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999)):
-    """AdamW; no decay on norms and biases (1-D tensors), as is customary."""
+def build_optimizer(model, lr, weight_decay=0.0):
+    """AdamW with torch's betas (0.9, 0.999) and eps 1e-8 (open-instruct keeps them too); no decay on norms
+    and biases (1-D tensors), as is customary."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = all(p.device.type == "cuda" for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
 def plan_steps(n, args, world, what="examples"):
@@ -244,9 +246,10 @@ def lr_at(step, total, lr, warmup, kind="linear"):
 
 def token_logprobs(model, input_ids, targets, temperature=1.0, **fw):
     """log p(targets[b, t] | input_ids[b, :t+1]) / temperature-scaled, as (B, T) fp32; 0 where
-    targets == IGNORE. The output projection and log-softmax are fused (kernels/): on CUDA a Triton
-    kernel that streams over the vocabulary, on the CPU a chunked PyTorch reference. Computed inside
-    the model's forward, where FSDP2 has the output projection unsharded."""
+    targets == IGNORE (with return_lsq=True, also WPO's log sum_v p_v^2 (B, T): see Llama.forward). The output
+    projection and log-softmax are fused (kernels/): on CUDA a Triton kernel that streams over the vocabulary,
+    on the CPU a chunked PyTorch reference. Computed inside the model's forward, where FSDP2 has the output
+    projection unsharded."""
     return model(input_ids, targets=targets, temperature=temperature, **fw)
 
 
@@ -266,8 +269,7 @@ def save_checkpoint(out, model, tokenizer, optimizer=None, state=None, dtype=Non
     if not is_dist() or dist.get_rank() == 0:
         tmp = new_dir_beside(out)
         try:
-            raw = model.module if hasattr(model, "module") else model
-            raw.save_pretrained(tmp, state_dict=sd, dtype=dtype, atomic=False)
+            model.save_pretrained(tmp, state_dict=sd, dtype=dtype, atomic=False)
             tokenizer.save_pretrained(tmp)
             if optimizer is not None:
                 rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}

@@ -20,6 +20,7 @@ import zlib
 import torch
 
 from common import IGNORE
+from model import seeded
 from tokenizer import tokenize_conversation
 from verifiers import scorer
 
@@ -227,5 +228,5 @@ def pack_batch(examples, device="cpu"):
 def epoch_order(n, epoch, seed):
     """A seeded permutation per epoch: the data order is a function of (seed, epoch), so a resumed
     run sees exactly the batches the uninterrupted run would have seen."""
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    g = torch.Generator().manual_seed(seeded(seed, epoch))
     return torch.randperm(n, generator=g).tolist()

@@ -44,8 +44,9 @@ from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch,
 from tokenizer import Tokenizer, tokenize_conversation
 
 LOSS_TYPES = ("dpo", "dpo_norm", "simpo", "ipo", "wpo")
-# beta when --beta is not given: 0.1 for the summed-log-prob losses (TRL's and open-instruct's default), 5 for
-# dpo_norm (Tülu 3), 2 for simpo (the SimPO paper's range is 2-2.5 for its base models). One beta for all would
+# beta when --beta is not given: 0.1 for the summed-log-prob losses dpo and wpo (TRL's and open-instruct's
+# default), 5 for dpo_norm (Tülu 3), 2 for simpo (the SimPO paper's range is 2-2.5 for its base models), 0.1 for
+# ipo (TRL's tau: a target margin 1/(2 tau) = 5 between the per-token average log-ratios). One beta for all would
 # be wrong by 50x somewhere: a per-token average moves ~length times less than a sum.
 DEFAULT_BETA = {"dpo": 0.1, "dpo_norm": 5.0, "simpo": 2.0, "ipo": 0.1, "wpo": 0.1}
 
@@ -174,7 +175,6 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     p.add_argument("--batch-size", type=positive, default=None, help="pairs per optimizer step, all ranks")
     p.add_argument("--micro-batch-size", type=positive, default=None, help="pairs per forward (x2 sequences), per rank")
     add_optim_args(p)  # --lr --schedule --warmup-ratio ... --save-every (shared: common.py)
-    # checkpoints
     args = p.parse_args()
 
     # presets fill whatever was not given on the command line
@@ -219,13 +219,13 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     def on_policy_pairs(rows):
         """Samples K answers per prompt (rank-strided), judges them, and writes the pairs to pairs.jsonl
         in the preference format (rank 0); -> counts. Collective: generate runs in lockstep."""
-        from model import generate
+        from model import generate, seeded
         from verifiers import verify
         K = args.samples_per_prompt
         mine = list(range(rank, len(rows), world))
         prompts = [encode_prompt(tok, rows[i]["messages"]) for i in mine for _ in range(K)]
         outs, _ = generate(model, prompts, args.max_new_tokens, temperature=args.sample_temperature,
-                           eos_token_ids=tok.eos_token_ids, seed=args.seed * 1000 + rank, batch_size=256)
+                           eos_token_ids=tok.eos_token_ids, seed=seeded(args.seed, rank), batch_size=256)
         found, n = [], torch.zeros(4, dtype=torch.float64)  # (correct samples, no correct, all correct, pairs)
         eos = set(tok.eos_token_ids)
         for j, i in enumerate(mine):

@@ -60,19 +60,42 @@ class LlamaConfig:
         missing = [k for k in need if not isinstance(d.get(k), int)]
         if missing:
             raise ValueError(f"{name}: {missing[0]!r} is missing or not a whole number")
-        if d.get("hidden_act", "silu") != "silu":
+        if d.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' ACT2FN: swish is silu
             raise ValueError(f"{name}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
-        if d.get("mlp_bias") or (arch == "llama" and d.get("attention_bias")):
+        if arch == "llama" and (d.get("mlp_bias") or d.get("attention_bias")):  # (qwen2: q/k/v bias, always)
             raise ValueError(f"{name}: attention_bias/mlp_bias on a llama model is not supported")
-        layer_types = d.get("layer_types") or []
-        if d.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
+        n, nkv = d["num_attention_heads"], d.get("num_key_value_heads") or d["num_attention_heads"]
+        if not isinstance(nkv, int) or n % nkv:
+            raise ValueError(f"{name}: num_attention_heads {n} is not a multiple of num_key_value_heads {nkv!r}")
+        # sliding windows: transformers' layer_types, which a Qwen2 config without them derives from
+        # use_sliding_window, sliding_window (default 4096) and max_window_layers (default 28) as here
+        layer_types = d.get("layer_types") or [
+            "sliding_attention" if arch == "qwen2" and d.get("use_sliding_window") and d.get("sliding_window", 4096)
+            is not None and i >= d.get("max_window_layers", 28) else "full_attention"
+            for i in range(d["num_hidden_layers"])]
+        if any(t != "full_attention" for t in layer_types):
             raise ValueError(f"{name}: sliding-window attention is not supported")
-        # RoPE: newer transformers writes `rope_parameters` (with rope_theta inside), older `rope_scaling`
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        # RoPE: newer transformers writes `rope_parameters` (with rope_theta inside), older `rope_scaling`;
+        # given both, transformers believes rope_scaling
+        rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "llama3"):
             raise ValueError(f"{name}: rope type {kind!r} is not supported (default, llama3 are)")
+        if kind == "llama3":
+            # as transformers: a top-level original_max_position_embeddings wins, else max_position_embeddings;
+            # factor and the two frequency factors are required
+            rope["original_max_position_embeddings"] = d.get("original_max_position_embeddings") or rope.get(
+                "original_max_position_embeddings") or d.get("max_position_embeddings")
+            bad = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                   if not isinstance(rope.get(k), (int, float))]
+            if bad:
+                raise ValueError(f"{name}: llama3 rope scaling needs a number for {bad[0]!r}")
+            if d.get("partial_rotary_factor", 1.0) != 1.0:
+                raise ValueError(f"{name}: partial_rotary_factor with llama3 rope scaling is not supported")
+        if d.get("attention_dropout"):
+            warnings.warn(f"{name}: attention_dropout {d['attention_dropout']} is not applied (nanopost's model has "
+                          "no dropout; transformers would apply it in training)")
         return cls(
             vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
             n_heads=d["num_attention_heads"],
@@ -116,7 +139,7 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
     s = cfg.rope_scaling
     if s:  # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate between
-        factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
         old_len = s["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
@@ -173,7 +196,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif gqa:
             # SDPA's fused kernels refuse enable_gqa together with a mask and fall back to the math
-            # kernel, which copies K/V once per query head (4x the KV-cache reads of a decode step).
+            # kernel, which copies K/V once per query head (g x the KV-cache reads of a decode step).
             # Instead fold the g query heads that share a K/V head into the query-length dim:
             # (B, nkv, g*T, hd) against (B, nkv, S, hd), each of the g copies with the same mask rows.
             g = self.nh // self.nkv
@@ -330,7 +353,7 @@ class Llama(nn.Module):
         with torch.device("meta"):
             model = cls(cfg, body_only=body_only)
         expected = {k: v.shape for k, v in model.state_dict().items()}
-        sd, seen = {}, {}
+        sd, seen, tied_head = {}, {}, None
         for fpath in checkpoint_files(path):
             try:
                 with safe_open(fpath, framework="pt", device="cpu") as f:
@@ -339,7 +362,8 @@ class Llama(nn.Module):
                         if name.endswith("rotary_emb.inv_freq") or name in skip:
                             continue  # old exports saved this buffer (we recompute it); heads we do not use
                         if name == "lm_head.weight" and cfg.tie_embeddings:
-                            continue  # tied: the output projection is the embedding
+                            tied_head = (fpath, key)  # tied: the output projection is the embedding...
+                            continue
                         if name not in expected:
                             raise ValueError(f"{fpath}: unexpected tensor {key!r}")
                         if name in seen:
@@ -356,6 +380,13 @@ class Llama(nn.Module):
         missing = sorted(set(expected) - set(sd))
         if missing:
             raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
+        if tied_head is not None:  # ...if the file's head is the same (transformers would use a different one,
+            fpath, key = tied_head  # vLLM the embedding: ambiguous)
+            with safe_open(fpath, framework="pt", device="cpu") as f:
+                same = torch.equal(f.get_tensor(key).to(device=device, dtype=dtype), sd["embed_tokens.weight"])
+            if not same:
+                raise ValueError(f"{cfg_path}: tie_word_embeddings is true but {fpath} holds an {key!r} that differs "
+                                 "from the input embedding (set tie_word_embeddings to false to use it)")
         model.load_state_dict(sd, strict=True, assign=True)
         return model
 
@@ -505,9 +536,12 @@ def read_json(path):
 def checkpoint_files(path):
     """The safetensors files of an HF checkpoint directory: the shards its index lists, or model.safetensors."""
     index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+    d = read_json(index)
+    if d is not None:
+        shards = d.get("weight_map")
+        if not isinstance(shards, dict) or not all(isinstance(n, str) for n in shards.values()):
+            raise ValueError(f"{index}: 'weight_map' is missing or does not map tensor names to file names")
+        return [os.path.join(path, n) for n in sorted(set(shards.values()))]
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return [os.path.join(path, "model.safetensors")]
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
@@ -612,12 +646,21 @@ def decode_step(model, st):
     return F.linear(h[:, 0], model.lm_head_weight).float()
 
 
+def seeded(*key):
+    """One seed from integers (seed, step, rank, ...), different for every key: what is sampled or shuffled
+    becomes a function of where it happens (a step, a batch, a rank), so a resumed run, an early stop or
+    another batch split meets the same random numbers. A polynomial in base 1_000_003 modulo the prime 2^61 - 1:
+    keys of the same length, up to three entries in [0, 1_000_003), never collide (unlike, say,
+    seed * 1000 + epoch, where epoch 1000 of seed 0 is epoch 0 of seed 1); longer ones rarely."""
+    s = 0
+    for k in key:
+        s = (s * 1_000_003 + k) % (2 ** 61 - 1)
+    return s
+
+
 def fsdp_modules(model):
     """The FSDP2 (fully_shard) modules inside `model`; empty for a plain model."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return []
+    from torch.distributed.fsdp import FSDPModule
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
@@ -688,7 +731,7 @@ def generate_batches(model, prompts, batches, max_new_tokens, temperature, top_p
         for b, idx in enumerate(batches):
             # a seed per batch: its samples do not depend on how long earlier batches ran (early
             # stop, or lockstep with other ranks under FSDP)
-            gen.manual_seed((seed * 1_000_003 + b) % 2**63)
+            gen.manual_seed(seeded(seed, b))
             # a rank out of prompts runs a dummy 1-token prompt, already "done", to stay in lockstep
             batch = [prompts[i] for i in idx] or [[0]]
             toks, logps = generate_batch(model, batch, max_new_tokens, temperature, top_p, top_k,

@@ -28,11 +28,13 @@ p.add_argument("--dpo-args", default="")
 p.add_argument("--rl-args", default="")
 args = p.parse_args()
 
-FAST = {"sft": "--max-steps 60 --eval-n 16", "dpo": "--n-prompts 64 --batch-size 4 --micro-batch-size 4 --max-steps 2 --eval-n 16", "rl": "--steps 2 --eval-n 16"}
-STAGES = []
+FAST = {"sft": "--max-steps 60 --eval-n 16", "dpo": "--n-prompts 64 --batch-size 4 --micro-batch-size 4 --max-steps 2 "
+        "--eval-n 16", "rlvr": "--steps 2 --eval-n 16"}
+STAGES = []  # (stage, script, its extra arguments)
 for stage, script, flag in [("sft", "sft.py", "sft"), ("dpo", "dpo.py", "dpo"), ("rlvr", "ppo_rlvr.py", "rl")]:
     try:
-        STAGES.append((stage, script, shlex.split(getattr(args, f"{flag}_args"))))
+        STAGES.append((stage, script, (shlex.split(FAST[stage]) if args.fast else [])
+                       + shlex.split(getattr(args, f"{flag}_args"))))
     except ValueError as e:  # e.g. an unclosed quote
         p.error(f"--{flag}-args: {e}")
 here = os.path.dirname(os.path.abspath(__file__))
@@ -45,7 +47,6 @@ for seed in args.seeds:
         out = os.path.join(root, stage)
         cmd = [sys.executable, os.path.join(here, script), "--seed", str(seed), "--out", out]
         cmd += ["--ckpt", prev] if prev else []
-        cmd += shlex.split(FAST[stage if stage != "rlvr" else "rl"]) if args.fast else []
         cmd += extra
         print(f"\n=== seed {seed} | {stage}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()

@@ -72,16 +72,9 @@ from model import read_tensor
 # response tokens (a row ends early when its response is shorter than T)
 
 
-def masked_mean(x, mask, dim=None):
-    """Mean of x where mask is 1, over everything or along `dim`; 0 where the mask is empty."""
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
 def masked_var(x, mask, reduce=None):
-    """Unbiased variance of x where mask is 1, as a 0-d fp64 tensor. reduce: sums a tensor over ranks
-    (common.all_reduce) for the variance of the whole distributed batch; None on one process."""
+    """-> (mean, unbiased variance) of x where mask is 1, 0-d fp64 tensors. reduce: sums a tensor over ranks
+    (common.all_reduce) for the statistics of the whole distributed batch; None on one process."""
     reduce = reduce or (lambda t: t)
     s = reduce(torch.stack([(x * mask).sum(), mask.sum()]).double())  # two passes: (sum, n), then sq. dev.
     mean = s[0] / s[1].clamp(min=1)
@@ -89,14 +82,10 @@ def masked_var(x, mask, reduce=None):
     return mean, ss / (s[1] - 1).clamp(min=1)
 
 
-def masked_whiten(x, mask, shift_mean=True, reduce=None, eps=1e-8):
-    """(x - mean) / std over the masked entries (open-instruct's masked_whiten); 0 off the mask.
-    shift_mean=False adds the mean back (rescales only)."""
+def masked_whiten(x, mask, reduce=None, eps=1e-8):
+    """(x - mean) / std over the masked entries (open-instruct's masked_whiten); 0 off the mask."""
     mean, var = masked_var(x, mask, reduce)
-    out = (x.double() - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return (out * mask).to(x.dtype)
+    return ((x.double() - mean) * torch.rsqrt(var + eps) * mask).to(x.dtype)
 
 
 def kl_estimate(logp, ref_logp, kind="k1"):
@@ -273,7 +262,7 @@ class ValueModel(nn.Module):
 # -----------------------------------------------------------------------------
 # the script
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions above without side effects
     from tqdm import tqdm
 
     from common import (add_optim_args, all_reduce, build_optimizer, check_out, cleanup, count, earlier_eval,
@@ -281,7 +270,9 @@ if __name__ == "__main__":
                         optimizer_state, positive, print0, read_checkpoint, resume, save_checkpoint, seed_everything,
                         set_state, write_json)
     from data import DataError, encode_prompt, epoch_order, load_mixture, read_jsonl, rlvr_row
-    from model import generate
+    from model import generate, seeded
+    from tokenizer import Tokenizer
+    from verifiers import verify
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to train
@@ -310,8 +301,8 @@ if __name__ == "__main__":
     p.add_argument("--per-prompt-seed", action="store_true", help="sample each prompt's n responses with a "
                    "seed of their own: rollouts independent of the number of ranks (slower)")
     # reward and KL
-    p.add_argument("--verify-reward", type=float, default=None, help="score of a verified response")
-    p.add_argument("--no-eos-penalty", type=float, default=None, help="score of a response without EOS (off if unset)")
+    p.add_argument("--verify-reward", type=number(), default=None, help="score of a verified response")
+    p.add_argument("--no-eos-penalty", type=number(), default=None, help="score of a response without EOS (off if unset)")
     p.add_argument("--beta", type=number(0), default=None, help="KL coefficient (initial value if adaptive)")
     p.add_argument("--kl-estimator", choices=["k1", "k2", "k3"], default=None, help="default k1, k3 for grpo")
     p.add_argument("--kl-target", type=number(0, above=True), default=None, help="adaptive beta: target KL per sequence")
@@ -330,7 +321,7 @@ if __name__ == "__main__":
     add_optim_args(p)  # --lr --schedule --warmup-ratio ... --save-every (shared: common.py)
     p.add_argument("--value-lr", type=number(0), default=None, help="default: the preset's (tiny: 3e-4), "
                    "else --lr")
-    # checkpoints and evaluation
+    # held-out evaluation
     p.add_argument("--eval-max-new-tokens", type=positive, default=64)
     p.add_argument("--eval-n", type=count, default=None, help="score only the first N held-out prompts (0: none)")
     args = p.parse_args()
@@ -338,7 +329,7 @@ if __name__ == "__main__":
     # presets fill whatever was not given on the command line
     PRESETS = {
         # the tiny default: continues the tiny SFT/DPO model, a few minutes on 2 CPU cores
-        "tiny": dict(steps=60, prompts_per_step=32, max_new_tokens=64, max_prompt_len=256, verify_reward=10.0,
+        "tiny": dict(steps=60, max_new_tokens=64, max_prompt_len=256, verify_reward=10.0,
                      beta=0.05, kl_estimator="k1", gamma=1.0, lam=0.95, clip=0.2, value_clip=0.2, vf_coef=0.1,
                      ppo_epochs=4, mini_batches=1, micro_batch_size=64, lr=3e-5, value_lr=3e-4, schedule="constant",
                      warmup_ratio=0.0, save_dtype="fp32"),
@@ -354,7 +345,7 @@ if __name__ == "__main__":
     if args.samples_per_prompt is None:
         args.samples_per_prompt = 4 if group else 1
     if args.preset == "tiny" and args.prompts_per_step is None:
-        args.prompts_per_step = 32 // args.samples_per_prompt  # 32 rollouts per step in every mode
+        args.prompts_per_step = max(1, 32 // args.samples_per_prompt)  # 32 rollouts per step in every mode
     if args.kl_estimator is None and args.advantage == "grpo":
         args.kl_estimator = "k3"  # GRPO's KL loss term: k3 has a non-negative value and an unbiased mean
     for k, v in PRESETS[args.preset].items():
@@ -368,8 +359,6 @@ if __name__ == "__main__":
     check_out(args.out)
     rank, world, device = init_distributed()
     seed_everything(args.seed + rank)
-    from tokenizer import Tokenizer  # noqa: E402
-    from verifiers import verify  # noqa: E402
 
     n, P = args.samples_per_prompt, args.prompts_per_step
     if args.kl_target is not None and not args.beta > 0:
@@ -445,7 +434,8 @@ if __name__ == "__main__":
 
     st = resume(resumed, args.out, policy, popt, args, args.steps)
     # an adaptive beta goes on from where it was (--beta is its start); a fixed one is the flag's
-    start, beta = st["step"], st.get("beta", args.beta) if args.kl_target is not None else args.beta
+    start = st["step"]
+    beta = st.get("beta", args.beta) if args.kl_target is not None else args.beta
     if resumed and vm is not None:
         if st.get("value") is None:
             raise SystemExit(f"error: {resumed} was saved without a value model (by --advantage grpo or rloo); "
@@ -470,8 +460,9 @@ if __name__ == "__main__":
             if start_eval is not None:
                 break
         if start_eval is None:
-            # (a resumed policy is no longer the start: evaluate the start checkpoint itself)
-            m0 = load_model(args.ckpt, device, requires_grad=False) if resumed else policy
+            m0 = policy
+            if resumed:  # the policy is no longer the start: the start checkpoint is (the KL reference is it)
+                m0 = ref if ref is not None else load_model(args.ckpt, device, requires_grad=False)
             start_eval = evaluate(m0, tok, held_out, max_new_tokens=args.eval_max_new_tokens)
             del m0
             src = "evaluated now"
@@ -481,14 +472,6 @@ if __name__ == "__main__":
 
     # -------------------------------------------------------------------------
     # training loop
-
-    def seeded(*key):
-        """A seed from integers (seed, step, ...): rollouts and shuffles are a function of the step, so a
-        resumed run sees exactly what the uninterrupted one would have seen."""
-        s = 0
-        for k in key:
-            s = (s * 1_000_003 + k) % (2 ** 61 - 1)
-        return s
 
     eos_ids = set(tok.eos_token_ids)
     mB = args.micro_batch_size

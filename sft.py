@@ -2,7 +2,8 @@
 Supervised fine-tuning, the first stage of Tülu 3 (paper §4): next-token loss on assistant tokens only.
 
     python sft.py                                   # tiny default on the CPU: trains a small model from
-                                                    # scratch on the built-in tasks, writes out/sft/
+                                                    # scratch on the built-in tasks, writes out/sft/ (and
+                                                    # its random start, tokenizer included, to out/base/)
     python sft.py --ckpt path/to/hf --data tulu3_sft.jsonl:1.0 extra.jsonl:5000 --preset tulu3-8b
     torchrun --standalone --nproc_per_node 8 sft.py --ckpt ... --data ... --preset tulu3-8b
 
@@ -31,6 +32,7 @@ from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, check_o
                     find_checkpoint, init_distributed, load_model, log_metrics, lr_at, number, plan_steps, positive,
                     print0, read_checkpoint, resume, save_checkpoint, seed_everything, write_json)
 from data import DataError, encode_sft, epoch_order, load_mixture, pack_batch, pad_batch, sft_row
+from tokenizer import Tokenizer
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
 # what to train
@@ -61,13 +63,13 @@ p.add_argument("--batch-size", type=positive, default=None, help="examples per o
 p.add_argument("--micro-batch-size", type=positive, default=None, help="examples per forward, per rank")
 add_optim_args(p)  # --lr --schedule --warmup-ratio ... --save-every (shared: common.py)
 p.add_argument("--loss-reduction", choices=["sum", "mean"], default="sum")
-# logging and checkpoints
+# validation
 p.add_argument("--eval-every", type=positive, default=None, help="validation loss every N steps")
 args = p.parse_args()
 
 # presets fill whatever was not given on the command line (README: "How the scripts map to Tülu 3")
 PRESETS = {
-    # the tiny default: a ~0.9M-parameter model from scratch, a few minutes on 2 CPU cores
+    # the tiny default: a 0.85M-parameter model from scratch, a few minutes on 2 CPU cores
     "tiny": dict(epochs=8, batch_size=32, micro_batch_size=32, lr=3e-3, schedule="cosine", warmup_ratio=0.05,
                  max_len=256, save_dtype="fp32", val_frac=0.02, eval_every=50, chat_template="own"),
     # Tülu 3 8B SFT (open-instruct docs/tulu3.md): lr 5e-6 linear, warmup 0.03, wd 0, 2 epochs,
@@ -86,7 +88,6 @@ for k, v in PRESETS[args.preset].items():
 check_out(args.out)
 rank, world, device = init_distributed()
 seed_everything(args.seed + rank)
-from tokenizer import Tokenizer  # noqa: E402
 
 held_out = None
 resumed = find_checkpoint(args.out) if args.resume else None
@@ -143,13 +144,13 @@ val, train, n_trunc, n_drop = [], [], 0, 0
 for rows in sources:
     examples = [ex for ex in rows if ex is not None]
     n_drop += len(rows) - len(examples)
-    n_trunc += sum(len(ex[0]) == args.max_len for ex in examples)
+    n_trunc += 0 if args.drop_long else sum(len(ex[0]) == args.max_len for ex in examples)
     n_val = int(len(examples) * args.val_frac)  # the first rows of the file's seeded shuffle
     val, train = val + examples[:n_val], train + examples[n_val:]
 accum, steps_per_epoch, total, warmup = plan_steps(len(train), args, world, "training examples")
 B, mB = args.batch_size, args.micro_batch_size
 n_params = sum(p.numel() for p in model.parameters())
-print0(f"examples: {len(train)} train, {len(val)} val; {n_bad} bad rows skipped, {n_trunc} truncated, "
+print0(f"examples: {len(train)} train, {len(val)} val; {n_bad} bad rows skipped, {n_trunc} at --max-len (truncated), "
        f"{n_drop} dropped (over --max-len {args.max_len} or nothing to train on)")
 print0(f"model: {n_params / 1e6:.2f}M parameters | world {world} | batch {B} = micro {mB} x accum {accum} x world "
        f"{world} | {total} steps ({steps_per_epoch}/epoch), warmup {warmup} | device {device}")

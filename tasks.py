@@ -49,7 +49,9 @@ def arith(rng, p_wrong):
         a, b = rng.randint(2, 9), rng.randint(2, 9)
         q = f"{name} has {a} bags with {b} {thing} in each bag. How many {thing} does {name} have?"
         ans, work = a * b, f"{a} * {b}"
-    shown = ans + rng.choice([-2, -1, 1, 2]) if rng.random() < p_wrong else ans  # imperfect data
+    # imperfect data. Both draws are made whatever p_wrong is, so that p_wrong changes no other problem
+    off, wrong = rng.choice([-2, -1, 1, 2]), rng.random() < p_wrong
+    shown = ans + off if wrong else ans
     return q, f"{work} = {shown}.\n#### {shown}", ans
 
 

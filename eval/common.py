@@ -7,7 +7,8 @@ split under torchrun, and the two output files:
     OUT/summary.json        the metrics, the protocol, the arguments, one rendered prompt for audit
 
 OUT defaults to CKPT/eval/<benchmark>/. One process (CPU or one GPU) or torchrun with N GPUs: each
-rank holds a full copy of the model and generates every N-th prompt; rank 0 gathers and scores.
+rank holds a full copy of the model and generates every N-th prompt; rank 0 gathers and scores (builtin
+scores on every rank through the training scripts' common.evaluate, which sums the counts over ranks).
 
 Stop strings: generation stops on the checkpoint's EOS tokens or after --max-new-tokens; a stop
 string ("Question:" for GSM8K) is applied afterwards by cutting the decoded text at its first
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-# cleanup and positive: for the benchmark scripts
+# cleanup: re-exported for the benchmark scripts
 from common import (check_out, cleanup, init_distributed, is_dist, positive, print0,  # noqa: F401
                     read_checkpoint, write_json)
 from data import DataError, read_jsonl

@@ -163,6 +163,85 @@ def test_missing_rope_scaling_is_caught(tmp_path):
     assert (ours(x) - hf(x).logits).abs().max().item() > 1e-2
 
 
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16)
+
+
+def edit_config(path, **changes):
+    """Rewrites config.json with `changes` (a value of None deletes the key); -> the new dict."""
+    f = os.path.join(path, "config.json")
+    d = json.load(open(f))
+    d.update(changes)
+    d = {k: v for k, v in d.items() if v is not None}
+    json.dump(d, open(f, "w"))
+    return d
+
+
+def rope_key(d):
+    """The RoPE dict of the config, in whichever spelling the installed transformers wrote."""
+    return "rope_parameters" if "rope_parameters" in d else "rope_scaling"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name, edit", [
+    # both RoPE spellings present and disagreeing: transformers believes rope_scaling
+    ("llama3", lambda d: dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                              rope_scaling={**LLAMA3_ROPE, "rope_theta": 10000.0})),
+    # llama3 scaling with a top-level original_max_position_embeddings (it wins over the inner one)
+    ("llama3", lambda d: {rope_key(d): {**LLAMA3_ROPE, "rope_theta": 500000.0},
+                          "original_max_position_embeddings": 48}),
+    # llama3 scaling without original_max_position_embeddings: max_position_embeddings stands in
+    ("llama3", lambda d: {rope_key(d): {k: v for k, v in {**LLAMA3_ROPE, "rope_theta": 500000.0}.items()
+                                             if k != "original_max_position_embeddings"}}),
+    ("llama3", lambda d: dict(hidden_act="swish")),                  # transformers' name for silu
+    ("qwen2", lambda d: dict(mlp_bias=True)),                        # Qwen2 has no MLP bias: ignored
+    ("qwen2", lambda d: dict(use_sliding_window=True, sliding_window=8, max_window_layers=2, layer_types=None)),
+], ids=["both-rope-keys", "top-level-original-max", "no-original-max", "swish", "qwen2-mlp-bias", "qwen2-no-window"])
+def test_config_variants_read_as_transformers_reads_them(tmp_path, name, edit):
+    path = str(tmp_path / "m")
+    make_hf(name, path)
+    d = json.load(open(os.path.join(path, "config.json")))
+    edit_config(path, **edit(d))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    x = tokens(256, T=80)  # past original_max_position_embeddings and the window
+    assert (Llama.from_pretrained(path)(x) - hf(x).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("edit, msg", [
+    (lambda d: {rope_key(d): {k: v for k, v in LLAMA3_ROPE.items() if k != "factor"}}, "'factor'"),
+    (lambda d: {rope_key(d): {k: v for k, v in LLAMA3_ROPE.items() if k != "low_freq_factor"}},
+     "'low_freq_factor'"),
+    (lambda d: dict(num_key_value_heads=3), "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+])
+def test_config_errors_name_the_key(ckpt, edit, msg):
+    d = json.load(open(os.path.join(ckpt, "config.json")))
+    edit_config(ckpt, **edit(d))
+    with pytest.raises(ValueError, match=f"config.json: .*{msg}"):
+        Llama.from_pretrained(ckpt)
+
+
+def test_tied_head_that_differs_is_refused(tmp_path):
+    """tie_word_embeddings with an lm_head.weight in the file: the same tensor loads; a different one is
+    refused (transformers would use it, vLLM the embedding)."""
+    path = str(tmp_path / "m")
+    make_hf("llama32", path)
+    rewrite(path, lambda sd: sd.__setitem__("lm_head.weight", sd["model.embed_tokens.weight"].clone()))
+    Llama.from_pretrained(path)
+    rewrite(path, lambda sd: sd.__setitem__("lm_head.weight", sd["lm_head.weight"] + 1))
+    with pytest.raises(ValueError, match="tie_word_embeddings is true but .* holds an 'lm_head.weight' that differs"):
+        Llama.from_pretrained(path)
+
+
+def test_broken_index_is_named(tmp_path):
+    path = str(tmp_path / "m")
+    make_hf("llama3", path)
+    index = os.path.join(path, "model.safetensors.index.json")
+    for text, msg in [("{", "invalid JSON"), ("{}", "'weight_map' is missing")]:
+        open(index, "w").write(text)
+        with pytest.raises(ValueError, match=f"model.safetensors.index.json: .*{msg}"):
+            Llama.from_pretrained(path)
+
+
 @torch.no_grad()
 def test_packed_documents_equal_separate_forwards(tmp_path):
     path = str(tmp_path / "m")
@@ -261,7 +340,11 @@ def test_missing_config(ckpt):
 def test_unsupported_config_fields(ckpt):
     f = os.path.join(ckpt, "config.json")
     d = json.load(open(f))
-    for bad, msg in [({"use_sliding_window": True}, "sliding-window"), ({"model_type": "mistral"}, "mistral"),
+    qwen_window = {"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 1}  # layer 1 slides
+    for bad, msg in [(qwen_window, "sliding-window"), ({**qwen_window, "layer_types": None, "sliding_window": 8},
+                                                       "sliding-window"),
+                     ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window"),
+                     ({"model_type": "mistral"}, "mistral"),
                      ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None}, "yarn"),
                      ({"hidden_act": "gelu"}, "gelu")]:
         json.dump({**d, **bad}, open(f, "w"))

@@ -4,6 +4,7 @@ a few steps each, so that the README's main command keeps working.
 
     python -m pytest tests/test_pipeline.py -v
 """
+import ast
 import json
 import os
 import subprocess
@@ -26,6 +27,13 @@ def test_fast_pipeline(tmp_path):
         assert res[stage]["accuracy"] == ev["accuracy"]
         assert os.path.isfile(out / stage / "model.safetensors") and os.path.isfile(out / stage / "metrics.jsonl")
     assert "| seed | sft" in r.stdout  # the table was printed
+    # every curve plot.py draws is a key the stage logs (plot.py skips a missing key silently)
+    src = open(os.path.join(ROOT, "plot.py")).read()
+    keys = next(ast.literal_eval(n.value) for n in ast.parse(src).body
+                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "KEYS")
+    for stage, want in keys.items():
+        logged = {k for ln in open(out / stage / "metrics.jsonl") for k in json.loads(ln)}
+        assert set(want) <= logged, (stage, set(want) - logged)
 
 
 def test_stage_arguments_are_checked_first(tmp_path):

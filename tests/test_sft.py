@@ -93,7 +93,9 @@ def test_packed_loss_equals_padded_loss(tiny):
     lp_pad = common.token_logprobs(model, padded["input_ids"], padded["targets"])
     lp_pack = common.token_logprobs(model, packed["input_ids"], packed["targets"],
                                     position_ids=packed["position_ids"], doc_ids=packed["doc_ids"])
-    assert abs(lp_pad.sum().item() - lp_pack.sum().item()) < 1e-4
+    # token by token (both are in example order): a sum of ~1000 in fp32 is only good to ~1e-4
+    a, b = lp_pad[padded["targets"] != IGNORE], lp_pack[packed["targets"] != IGNORE]
+    assert (a - b).abs().max().item() < 1e-5
 
 
 # -----------------------------------------------------------------------------

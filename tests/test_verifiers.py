@@ -576,6 +576,18 @@ def test_tiny_task_demonstrations_score_one():
     assert kinds > 50
 
 
+def test_tiny_task_knobs_change_only_the_sft_demonstrations():
+    """make_tasks' promise: p_wrong and p_follow change the SFT demonstrations, never a prompt (so the
+    held-out, RL and preference sets stay the same while the knobs are tuned)."""
+    import tasks
+    base = tasks.make_tasks(0, n_sft=200, n_prefs=50, n_rl=50, n_eval=100)
+    for kw in [dict(p_wrong=0.1), dict(p_wrong=1.0), dict(p_follow=0.9)]:
+        other = tasks.make_tasks(0, n_sft=200, n_prefs=50, n_rl=50, n_eval=100, **kw)
+        assert other[1:] == base[1:], kw
+        assert [r["messages"][0] for r in other[0]] == [r["messages"][0] for r in base[0]], kw
+        assert other[0] != base[0], kw
+
+
 # ------------------------------------------------------------------------------------------------
 # hostile input: nothing raises, every call is bounded, failures are counted
 
