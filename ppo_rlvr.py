@@ -72,6 +72,23 @@ from model import read_tensor
 # response tokens (a row ends early when its response is shorter than T)
 
 
+def sequence_scores(verified, has_eos, verify_reward, no_eos_penalty=None):
+    """(B,) scores: verify_reward x the verifier's score in [0, 1]; a response that never sampled an EOS
+    gets no_eos_penalty instead when it is set (it replaces the score, as open-instruct's non_stop_penalty)."""
+    return torch.tensor([no_eos_penalty if no_eos_penalty is not None and not e else verify_reward * ok
+                         for ok, e in zip(verified, has_eos)], dtype=torch.float32)
+
+
+def token_rewards(scores, kl, mask, beta):
+    """PPO's per-token rewards (B, T): the KL penalty -beta * kl on every response token, plus the sequence's
+    score on its last token (the EOS, if one was sampled); 0 in the padding."""
+    rewards = -beta * kl * mask
+    last = mask.sum(1).long() - 1
+    b = (last >= 0).nonzero()[:, 0]  # the rows with a response (an empty one has no last token)
+    rewards[b, last[b]] += scores[b]
+    return rewards
+
+
 def masked_var(x, mask, reduce=None):
     """-> (mean, unbiased variance) of x where mask is 1, 0-d fp64 tensors. reduce: sums a tensor over ranks
     (common.all_reduce) for the statistics of the whole distributed batch; None on one process."""
@@ -507,15 +524,10 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
         ridx = [k for k in mine for _ in range(n)]
 
         # 2. scores from the verifiers, on the decoded text (the token ids themselves are kept)
-        verified, has_eos, scores = [], [], []
-        for k, r in zip(ridx, resp):
-            ok = verify(rows[k]["dataset"], tok.decode(r, skip_special_tokens=True), rows[k]["ground_truth"])
-            e = len(r) > 0 and r[-1] in eos_ids
-            s = args.verify_reward * ok
-            if not e and args.no_eos_penalty is not None:
-                s = args.no_eos_penalty  # replaces the score, as open-instruct's non_stop_penalty
-            verified.append(ok), has_eos.append(e), scores.append(s)
-        scores = torch.tensor(scores, device=device)
+        verified = [verify(rows[k]["dataset"], tok.decode(r, skip_special_tokens=True), rows[k]["ground_truth"])
+                    for k, r in zip(ridx, resp)]
+        has_eos = [len(r) > 0 and r[-1] in eos_ids for r in resp]
+        scores = sequence_scores(verified, has_eos, args.verify_reward, args.no_eos_penalty).to(device)
 
         # 3. log-probs under the policy and the reference, and values, without gradients; (B, T) each
         def micro(J):
@@ -540,11 +552,8 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
 
         # 4. advantages
         kl = kl_estimate(old_lp, ref_lp, args.kl_estimator) * mask if ref is not None else torch.zeros_like(mask)
-        last = mask.sum(1).long() - 1  # the last response token (the EOS, if one was sampled)
         if args.advantage == "gae":
-            rewards = -beta * kl
-            rewards[torch.arange(B, device=device), last] += scores
-            adv, returns = gae(rewards, values, mask, args.gamma, args.lam)
+            adv, returns = gae(token_rewards(scores, kl, mask, beta), values, mask, args.gamma, args.lam)
             adv = masked_whiten(adv, mask, reduce=red)
         elif args.advantage == "rloo":
             adv = group_advantages(scores - beta * kl.sum(1), n, "rloo")[:, None] * mask

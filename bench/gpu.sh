@@ -9,7 +9,10 @@
 # memcheck (out-of-bounds or misaligned accesses, which the Triton interpreter does not catch) and racecheck
 # (shared-memory races); the tool refuses some virtualised GPUs ("Device not supported"), which the part
 # reports. The tables of bench/kernels.py also go to OUTDIR/kernels.md (+ .json). Liger-Kernel and Cut
-# Cross-Entropy join the kernel table when importable: wheels placed in .whl/ are installed first.
+# Cross-Entropy join the kernel table when importable: wheels placed in .whl/ are installed first. The tests
+# need transformers < 5.25 (later ones need the `kernels` package, whose name is this project's kernels/; see
+# tests/conftest.py): on a machine with a later one, put that wheel in .whl/ too
+# (python3 -m pip download --no-deps "transformers<5.25" liger-kernel cut-cross-entropy -d .whl).
 set -u
 out=${1:?usage: bash bench/gpu.sh OUTDIR [PART ...]}
 shift
@@ -17,6 +20,7 @@ parts=${*:-tests sanitize kernels train generate dpo}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 ls .whl/*.whl >/dev/null 2>&1 && pip install -q --no-deps .whl/*.whl
+pip uninstall -y -q kernels 2>/dev/null  # transformers < 5.25 runs without it; ours has its name
 python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|',
            torch.cuda.get_device_name())" | tee "$out/versions.txt"
 

@@ -242,6 +242,27 @@ def test_broken_index_is_named(tmp_path):
             Llama.from_pretrained(path)
 
 
+def test_grad_checkpoint_recomputes_and_gives_the_same_gradients(tmp_path):
+    """--grad-checkpoint: each block runs twice (forward, then again in backward) and the gradients are
+    those of the plain model, with a packed (block-diagonal) mask too. load_model passes the flag."""
+    import common
+    path = str(tmp_path / "m")
+    make_hf("llama3", path)
+    x = tokens(256, B=1, T=40)
+    doc_ids = torch.tensor([[0] * 15 + [1] * 25])
+    pos = torch.cat([torch.arange(15), torch.arange(25)])[None]
+    grads, calls = [], []
+    for ckpt in (False, True):
+        model = common.load_model(path, torch.device("cpu"), grad_checkpoint=ckpt).train()
+        n = [0]
+        model.layers[0].register_forward_pre_hook(lambda *a: n.__setitem__(0, n[0] + 1))  # (recompute: no post-hook)
+        model(x, targets=x.roll(-1, 1), position_ids=pos, doc_ids=doc_ids).sum().backward()
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+        calls.append(n[0])
+    assert calls == [1, 2]
+    assert max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0]) < 1e-6
+
+
 @torch.no_grad()
 def test_packed_documents_equal_separate_forwards(tmp_path):
     path = str(tmp_path / "m")

@@ -21,7 +21,7 @@ import tasks
 from data import encode_prompt
 from model import Llama, generate
 from ppo_rlvr import (ValueModel, adaptive_kl, gae, group_advantages, kl_estimate, masked_whiten, policy_loss,
-                      response_logprobs, rollout_batch, value_loss)
+                      response_logprobs, rollout_batch, sequence_scores, token_rewards, value_loss)
 from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,6 +115,23 @@ def test_gae_matches_direct_loop(gamma, lam):
     # whatever sits in the padding (a previous batch's values, garbage rewards) changes nothing
     adv2, ret2 = gae(r + 100 * (1 - mask), v - 50 * (1 - mask), mask, gamma, lam)
     assert torch.equal(adv, adv2) and torch.equal(ret, ret2)
+
+
+def test_sequence_scores_and_token_rewards():
+    # scores: reward x verdict; without an EOS the penalty replaces it (whatever the verdict), when set
+    s = sequence_scores([1.0, 0.0, 0.5, 1.0], [True, True, True, False], 10.0, -3.0)
+    assert s.tolist() == [10.0, 0.0, 5.0, -3.0]
+    assert sequence_scores([1.0, 0.0], [False, False], 10.0).tolist() == [10.0, 0.0]  # no penalty set
+    # rewards: -beta * kl on each response token, the score added on the last one, 0 in the padding
+    g = torch.Generator().manual_seed(0)
+    lengths, T, beta = [4, 1, 0, 6], 6, 0.3
+    mask = torch.tensor([[1.0] * L + [0.0] * (T - L) for L in lengths])
+    kl = torch.randn(4, T, generator=g)
+    scores = torch.tensor([2.0, -1.0, 5.0, 7.0])
+    r = token_rewards(scores, kl, mask, beta)
+    for b, L in enumerate(lengths):
+        want = [-beta * kl[b, t].item() + (scores[b].item() if t == L - 1 else 0.0) for t in range(L)]
+        assert r[b].tolist() == pytest.approx(want + [0.0] * (T - L), abs=1e-6)
 
 
 def test_gae_terminal_reward_only():
@@ -336,8 +353,10 @@ def test_more_samples_per_prompt_than_the_tiny_rollout_batch(tiny, tmp_path):
     """The tiny preset's 32 rollouts per step over n samples per prompt: n > 32 still takes one prompt
     (32 // n was 0 prompts, and a division by zero)."""
     run_ppo(tiny, tmp_path / "o", "--advantage", "grpo", "--samples-per-prompt", 40, "--steps", 1,
-            "--max-new-tokens", 4)
-    assert len(metrics(str(tmp_path / "o"))) == 1
+            "--max-new-tokens", 4, "--temperature", 0.7)
+    m = metrics(str(tmp_path / "o"))
+    assert len(m) == 1
+    assert m[0]["logp_gap_max"] <= 1e-5  # sampled and trained at the same temperature (not only at 1)
 
 
 def test_two_processes_equal_one(tiny, reward_model, tmp_path):
@@ -373,7 +392,11 @@ def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
     proc.wait()
     step = torch.load(out / "train_state.pt", weights_only=False)["step"]
     assert step < 4, "the run finished before it could be killed"
-    run_ppo(tiny, out, *args, "--resume")
+    before = open(out / "metrics.jsonl").readlines()[:step]
+    r = run_ppo(tiny, out, *args, "--resume")
+    # it did resume (a fresh start would reach the same weights too): the saved steps were not run again
+    assert f"resumed from {out} at step {step}" in r.stdout
+    assert open(out / "metrics.jsonl").readlines()[:step] == before
     full, res = metrics(str(tmp_path / "full")), metrics(str(out))
     assert [m["step"] for m in res] == list(range(4))
     assert full[-1]["beta"] != full[0]["beta"]

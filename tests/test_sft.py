@@ -146,6 +146,35 @@ def test_compiled_blocks_match_eager(tiny, tmp_path):
     assert ev[0] == ev[1]
 
 
+def test_first_step_loss_and_gradient_match_transformers(tiny, tmp_path):
+    """The logged loss of a step is the mean NLL over the step's assistant tokens (all examples, all
+    micro-batches), and its gradient norm that mean's: both against transformers in float64. The step
+    holds the whole 6-row file, so its order does not matter."""
+    import transformers
+    from tokenizer import tokenize_conversation
+    base, path = tiny
+    rows = open(path).readlines()[:6]
+    small = tmp_path / "six.jsonl"
+    small.write_text("".join(rows))
+    run_sft((base, str(small)), tmp_path / "o", "--max-steps", 1, "--batch-size", 6, "--micro-batch-size", 2,
+            "--eval-n", 0)
+    m = json.loads(open(tmp_path / "o" / "metrics.jsonl").readline())
+    tok = Tokenizer.from_pretrained(base)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base).double()
+    nll, n = 0.0, 0
+    for row in rows:
+        ids, mask = tokenize_conversation(tok, json.loads(row)["messages"])
+        x = torch.tensor([ids])
+        logp = torch.log_softmax(hf(x).logits[0, :-1], -1).gather(1, x[0, 1:, None])[:, 0]  # token t+1 given :t
+        on = torch.tensor(mask[1:], dtype=torch.bool)
+        nll, n = nll - logp[on].sum(), n + int(on.sum())
+    (nll / n).backward()
+    gnorm = torch.sqrt(sum((p.grad ** 2).sum() for p in hf.parameters())).item()
+    assert m["tokens"] == n
+    assert m["loss"] == pytest.approx((nll / n).item(), rel=1e-5)
+    assert m["grad_norm"] == pytest.approx(gnorm, rel=1e-4)
+
+
 def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
     args = ("--max-steps", 12, "--batch-size", 8, "--micro-batch-size", 1, "--save-every", 2)
     run_sft(tiny, tmp_path / "full", *args)
@@ -158,7 +187,11 @@ def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
     proc.wait()
     step = torch.load(out / "train_state.pt", weights_only=False)["step"]
     assert step < 12, "the run finished before it could be killed"
-    run_sft(tiny, out, *args, "--resume")
+    before = open(out / "metrics.jsonl").readlines()[:step]
+    r = run_sft(tiny, out, *args, "--resume")
+    # it did resume (a fresh start would reach the same weights too): the saved steps were not run again
+    assert f"resumed from {out} at step {step}" in r.stdout
+    assert open(out / "metrics.jsonl").readlines()[:step] == before
     assert max_diff(weights(str(tmp_path / "full")), weights(str(out))) < 1e-6
     assert losses(str(out)) == pytest.approx(losses(str(tmp_path / "full")), abs=1e-6)
 
