@@ -175,6 +175,27 @@ def test_first_step_loss_and_gradient_match_transformers(tiny, tmp_path):
     assert m["grad_norm"] == pytest.approx(gnorm, rel=1e-4)
 
 
+def test_chat_template_flag_trains_with_and_saves_the_template(tiny, tmp_path):
+    """--chat-template FILE: the step's tokens are those the file's template renders, and the output's
+    tokenizer carries it (the later stages, eval/ and vLLM render prompts with it). This template ends an
+    assistant turn with " (the end)": more trained tokens than the checkpoint's own template gives."""
+    from tokenizer import tokenize_conversation
+    base, path = tiny
+    src = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}{% if m['role'] == 'assistant' %}"
+           " (the end){{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    (tmp_path / "t.jinja").write_text(src)
+    rows = open(path).readlines()[:4]
+    (tmp_path / "four.jsonl").write_text("".join(rows))
+    run_sft((base, str(tmp_path / "four.jsonl")), tmp_path / "o", "--chat-template", tmp_path / "t.jinja",
+            "--max-steps", 1, "--batch-size", 4, "--eval-n", 0)
+    saved = Tokenizer.from_pretrained(str(tmp_path / "o"))
+    assert saved.chat_template == src
+    n = sum(sum(tokenize_conversation(saved, json.loads(r)["messages"])[1][1:]) for r in rows)
+    own = sum(sum(tokenize_conversation(Tokenizer.from_pretrained(base), json.loads(r)["messages"])[1][1:])
+              for r in rows)
+    assert json.loads(open(tmp_path / "o" / "metrics.jsonl").readline())["tokens"] == n != own
+
+
 def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
     args = ("--max-steps", 12, "--batch-size", 8, "--micro-batch-size", 1, "--save-every", 2)
     run_sft(tiny, tmp_path / "full", *args)
