@@ -228,5 +228,5 @@ def pack_batch(examples, device="cpu"):
 def epoch_order(n, epoch, seed):
     """A seeded permutation per epoch: the data order is a function of (seed, epoch), so a resumed
     run sees exactly the batches the uninterrupted run would have seen."""
-    g = torch.Generator().manual_seed(seeded(seed, epoch))
+    g = torch.Generator().manual_seed(seeded("order", seed, epoch))
     return torch.randperm(n, generator=g).tolist()

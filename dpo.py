@@ -225,7 +225,8 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
         mine = list(range(rank, len(rows), world))
         prompts = [encode_prompt(tok, rows[i]["messages"]) for i in mine for _ in range(K)]
         outs, _ = generate(model, prompts, args.max_new_tokens, temperature=args.sample_temperature,
-                           eos_token_ids=tok.eos_token_ids, seed=seeded(args.seed, rank), batch_size=256)
+                           eos_token_ids=tok.eos_token_ids, seed=seeded("pairs", args.seed, rank),
+                           batch_size=256)
         found, n = [], torch.zeros(4, dtype=torch.float64)  # (correct samples, no correct, all correct, pairs)
         eos = set(tok.eos_token_ids)
         for j, i in enumerate(mine):

@@ -12,6 +12,7 @@ layout, so loading is a prefix strip with strict checking and no weight permutat
 
 Tested for exact parity with transformers in tests/test_model.py.
 """
+import hashlib
 import json
 import math
 import os
@@ -71,7 +72,7 @@ class LlamaConfig:
         # use_sliding_window, sliding_window (default 4096) and max_window_layers (default 28) as here
         layer_types = d.get("layer_types") or [
             "sliding_attention" if arch == "qwen2" and d.get("use_sliding_window") and d.get("sliding_window", 4096)
-            is not None and i >= d.get("max_window_layers", 28) else "full_attention"
+            is not None and i >= (d.get("max_window_layers", 28) or 0) else "full_attention"
             for i in range(d["num_hidden_layers"])]
         if any(t != "full_attention" for t in layer_types):
             raise ValueError(f"{name}: sliding-window attention is not supported")
@@ -91,7 +92,7 @@ class LlamaConfig:
                    if not isinstance(rope.get(k), (int, float))]
             if bad:
                 raise ValueError(f"{name}: llama3 rope scaling needs a number for {bad[0]!r}")
-            if d.get("partial_rotary_factor", 1.0) != 1.0:
+            if rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
                 raise ValueError(f"{name}: partial_rotary_factor with llama3 rope scaling is not supported")
         if d.get("attention_dropout"):
             warnings.warn(f"{name}: attention_dropout {d['attention_dropout']} is not applied (nanopost's model has "
@@ -114,6 +115,8 @@ class LlamaConfig:
         # vLLM picks the model class by `architectures`; a config.json written by config.save_pretrained
         # alone has none (from_hf reads a missing model_type as llama, so the output says so)
         arch = d.setdefault("model_type", "llama")
+        if d.get("hidden_act") == "swish":  # the same function; vLLM knows it as silu
+            d["hidden_act"] = "silu"
         d.setdefault("architectures", [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]])
         d.update(vocab_size=self.vocab_size, hidden_size=self.dim, num_hidden_layers=self.n_layers,
                  num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads,
@@ -647,19 +650,18 @@ def decode_step(model, st):
 
 
 def seeded(*key):
-    """One seed from integers (seed, step, rank, ...), different for every key: what is sampled or shuffled
-    becomes a function of where it happens (a step, a batch, a rank), so a resumed run, an early stop or
-    another batch split meets the same random numbers. A polynomial in base 1_000_003 modulo the prime 2^61 - 1:
-    keys of the same length, up to three entries in [0, 1_000_003), never collide (unlike, say,
-    seed * 1000 + epoch, where epoch 1000 of seed 0 is epoch 0 of seed 1); longer ones rarely."""
-    s = 0
-    for k in key:
-        s = (s * 1_000_003 + k) % (2 ** 61 - 1)
-    return s
+    """A 63-bit seed from a key such as ("rollout", seed, step, rank): what is sampled or shuffled becomes a
+    function of where it happens (a step, a batch, a rank), so a resumed run, an early stop or another batch
+    split meets the same random numbers. A hash of the whole key, so different keys give unrelated seeds
+    (arithmetic mixing such as seed * 1000 + epoch makes epoch 1000 of seed 0 epoch 0 of seed 1); the name in
+    front keeps different uses with the same numbers apart."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
 
 
 def fsdp_modules(model):
     """The FSDP2 (fully_shard) modules inside `model`; empty for a plain model."""
+    if not torch.distributed.is_available():  # (a torch build without distributed: nothing is sharded)
+        return []
     from torch.distributed.fsdp import FSDPModule
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
@@ -731,7 +733,7 @@ def generate_batches(model, prompts, batches, max_new_tokens, temperature, top_p
         for b, idx in enumerate(batches):
             # a seed per batch: its samples do not depend on how long earlier batches ran (early
             # stop, or lockstep with other ranks under FSDP)
-            gen.manual_seed(seeded(seed, b))
+            gen.manual_seed(seeded("generate", seed, b))
             # a rank out of prompts runs a dummy 1-token prompt, already "done", to stay in lockstep
             batch = [prompts[i] for i in idx] or [[0]]
             toks, logps = generate_batch(model, batch, max_new_tokens, temperature, top_p, top_k,

@@ -514,12 +514,12 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
             resp, glp = [], []
             for k in mine:
                 t, lp = generate(policy, [prompts[k]] * n, args.max_new_tokens, temperature=args.temperature,
-                                 eos_token_ids=tok.eos_token_ids, seed=seeded(args.seed, step, k))
+                                 eos_token_ids=tok.eos_token_ids, seed=seeded("prompt", args.seed, step, k))
                 resp, glp = resp + t, glp + lp
         else:
             resp, glp = generate(policy, [prompts[k] for k in mine for _ in range(n)], args.max_new_tokens,
                                  temperature=args.temperature, eos_token_ids=tok.eos_token_ids,
-                                 seed=seeded(args.seed, step, rank), batch_size=args.gen_batch_size)
+                                 seed=seeded("rollout", args.seed, step, rank), batch_size=args.gen_batch_size)
         t_gen = time.time() - tg
         ridx = [k for k in mine for _ in range(n)]
 
@@ -568,7 +568,7 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
         gnorms = []
         Bm = B // args.mini_batches
         for epoch in range(args.ppo_epochs):
-            g = torch.Generator().manual_seed(seeded(args.seed, step, epoch, rank))
+            g = torch.Generator().manual_seed(seeded("shuffle", args.seed, step, epoch, rank))
             perm = torch.randperm(B, generator=g).tolist()
             for mb in range(args.mini_batches):
                 rows_mb = perm[mb * Bm:(mb + 1) * Bm]

@@ -212,6 +212,7 @@ def test_config_variants_read_as_transformers_reads_them(tmp_path, name, edit):
     (lambda d: {rope_key(d): {k: v for k, v in LLAMA3_ROPE.items() if k != "low_freq_factor"}},
      "'low_freq_factor'"),
     (lambda d: dict(num_key_value_heads=3), "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    (lambda d: {rope_key(d): {**LLAMA3_ROPE, "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
 ])
 def test_config_errors_name_the_key(ckpt, edit, msg):
     d = json.load(open(os.path.join(ckpt, "config.json")))
@@ -240,6 +241,18 @@ def test_broken_index_is_named(tmp_path):
         open(index, "w").write(text)
         with pytest.raises(ValueError, match=f"model.safetensors.index.json: .*{msg}"):
             Llama.from_pretrained(path)
+
+
+def test_seeded_keys_do_not_collide():
+    """model.seeded: a deterministic 63-bit seed, different for every key, however its numbers are arranged
+    (arithmetic mixing collides: seed * 1000 + epoch, or a polynomial whose nesting equals a longer key)."""
+    from model import seeded
+    keys = {(name, *k) for name in ("order", "rollout") for k in
+            [(s, e) for s in range(-3, 30) for e in range(0, 1001, 50)] + [(0,), (0, 0, 0), (1000,)]}
+    seeds = [seeded(*k) for k in keys]
+    assert len(set(seeds)) == len(keys) and all(0 <= s < 2 ** 63 for s in seeds)
+    assert seeded("a", seeded("a", 1, 2), 3) != seeded("a", 1, 2, 3)
+    assert seeded("order", 2, 5) == seeded("order", 2, 5)  # (a pure function: a resumed run gets the same)
 
 
 def test_grad_checkpoint_recomputes_and_gives_the_same_gradients(tmp_path):
@@ -365,6 +378,7 @@ def test_unsupported_config_fields(ckpt):
     for bad, msg in [(qwen_window, "sliding-window"), ({**qwen_window, "layer_types": None, "sliding_window": 8},
                                                        "sliding-window"),
                      ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window"),
+                     ({**qwen_window, "max_window_layers": None}, "sliding-window"),
                      ({"model_type": "mistral"}, "mistral"),
                      ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None}, "yarn"),
                      ({"hidden_act": "gelu"}, "gelu")]:
