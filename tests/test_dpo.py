@@ -23,6 +23,7 @@ import tasks
 from common import IGNORE
 from data import epoch_order, pad_batch
 from dpo import LOSS_TYPES, encode_response, pick_pair, preference_loss
+from helpers import update_gap
 from model import Llama
 from tokenizer import Tokenizer
 
@@ -382,7 +383,8 @@ def test_two_ranks_equal_one(tiny, run_a):
     assert len(a) == len(d) == 12
     for key in ("loss", "margin", "accuracy", "logp_chosen", "grad_norm"):
         assert max(abs(x[key] - y[key]) for x, y in zip(a, d)) < 1e-4, key
-    assert max_diff(load_file(run_a[0] / "model.safetensors"), load_file(out / "model.safetensors")) < 1e-4
+    base = load_file(os.path.join(tiny[0], "model.safetensors"))
+    assert update_gap(load_file(run_a[0] / "model.safetensors"), load_file(out / "model.safetensors"), base) < 1e-3
 
 
 def test_resume_after_kill_equals_uninterrupted(tiny, run_a):
