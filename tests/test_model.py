@@ -221,6 +221,12 @@ def test_config_errors_name_the_key(ckpt, edit, msg):
         Llama.from_pretrained(ckpt)
 
 
+def test_attention_dropout_is_said_not_applied(ckpt):
+    edit_config(ckpt, attention_dropout=0.1)
+    with pytest.warns(UserWarning, match="attention_dropout 0.1 is not applied"):
+        Llama.from_pretrained(ckpt)
+
+
 def test_tied_head_that_differs_is_refused(tmp_path):
     """tie_word_embeddings with an lm_head.weight in the file: the same tensor loads; a different one is
     refused (transformers would use it, vLLM the embedding)."""
