@@ -99,8 +99,7 @@ class LlamaConfig:
                           "no dropout; transformers would apply it in training)")
         return cls(
             vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
-            n_heads=d["num_attention_heads"],
-            n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            n_heads=n, n_kv_heads=nkv,
             head_dim=d.get("head_dim") or 0, ffn_dim=d["intermediate_size"],
             norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
             rope_scaling=dict(rope) if kind == "llama3" else None,
