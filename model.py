@@ -124,10 +124,11 @@ class LlamaConfig:
                  dtype=name, torch_dtype=name)
         # both spellings: transformers 5 reads `dtype` (and would believe a stale one from the source file),
         # transformers 4 and older tools `torch_dtype`
-        if "rope_parameters" in d:  # keep the spelling of the source file
+        # RoPE in both spellings too: transformers 4 (and vLLM on it) reads rope_theta/rope_scaling and would
+        # silently take theta 10000 without scaling from a file with only transformers 5's rope_parameters
+        d.update(rope_theta=self.rope_theta, rope_scaling=self.rope_scaling)
+        if "rope_parameters" in d:
             d["rope_parameters"] = {**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta}
-        else:
-            d.update(rope_theta=self.rope_theta, rope_scaling=self.rope_scaling)
         return d
 
 
@@ -471,7 +472,7 @@ def _fsync(path):
 # optimizer state would be read as part of the new checkpoint)
 CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
-                    "chat_template.jinja", "chat_template.json", "train_state.pt")
+                    "chat_template.jinja", "chat_template.json", "additional_chat_templates", "train_state.pt")
 
 
 def checkpoint_file(name):

@@ -25,6 +25,7 @@ the output against transformers for the Tülu, Llama-3 and ChatML templates.
 
 import json
 import os
+import shutil
 from datetime import datetime
 from functools import lru_cache
 
@@ -107,6 +108,13 @@ def compile_template(source):
 # reading the checkpoint's json files
 
 
+# the source checkpoint's files that describe the same tokenizer in other forms (slow tokenizers: vocab.json
+# and merges.txt, sentencepiece's tokenizer.model; transformers 5's named templates) or the terms the weights
+# come with (a derivative of Llama must carry its license): copied unchanged into every checkpoint saved
+CARRIED = ("vocab.json", "merges.txt", "tokenizer.model", "additional_chat_templates", "LICENSE", "LICENSE.txt",
+           "LICENSE.md", "USE_POLICY.md", "NOTICE", "NOTICE.txt")
+
+
 def _content(v):
     # special tokens are stored as "<s>" or as AddedToken dicts {"content": "<s>", "lstrip": false, ...}
     return v.get("content") if isinstance(v, dict) else v if isinstance(v, str) else None
@@ -125,6 +133,7 @@ class Tokenizer:
         self.special_tokens = dict(special_tokens)  # {"eos_token": "<|eot_id|>", ...}, strings only
         self.chat_template = chat_template or TULU_TEMPLATE
         self.config = dict(config or {})  # the raw tokenizer_config.json, kept for save_pretrained
+        self.source, self.named_templates = None, {}  # from_pretrained's directory; its other named templates
         for name, t in self.special_tokens.items():  # the ones we use must exist; others only reach templates
             if name in ("bos_token", "eos_token", "pad_token", "unk_token") and tok.token_to_id(t) is None:
                 raise ValueError(f"special token {name}={t!r} (tokenizer_config.json or special_tokens_map.json) "
@@ -167,14 +176,15 @@ class Tokenizer:
             if k.endswith("_token") and t:
                 special[k] = t
         # chat template: chat_template.jinja > tokenizer_config's string, or its list of named
-        # templates [{"name": "default", "template": ...}, ...] (we use "default")
-        template = cfg.get("chat_template")
+        # templates [{"name": "default", "template": ...}, {"name": "tool_use", ...}] (we use "default";
+        # the others are written back unchanged)
+        template, named = cfg.get("chat_template"), {}
         if isinstance(template, list):
             named = {t["name"]: t["template"] for t in template}
             if "default" not in named:  # (transformers would ask for a name too; silently using ours would not do)
                 raise ValueError(f"{path}/tokenizer_config.json: chat_template lists {sorted(named)} but no "
                                  "'default' one")
-            template = named["default"]
+            template = named.pop("default")
         jinja_file = os.path.join(path, "chat_template.jinja")
         if os.path.isfile(jinja_file):
             with open(jinja_file, encoding="utf-8") as f:
@@ -184,6 +194,7 @@ class Tokenizer:
         eos_ids = _ids(gen.get("eos_token_id")) + _ids(mcfg.get("eos_token_id"))
         out = cls(tok, special, template, eos_ids, cfg)
         out.generation_config = gen  # written back on save, so every EOS id survives fine-tuning
+        out.named_templates, out.source = named, path
         return out
 
     # --- text <-> ids
@@ -270,15 +281,29 @@ class Tokenizer:
 
     def save_pretrained(self, path):
         """Write tokenizer.json, tokenizer_config.json (special tokens + chat_template) and
-        special_tokens_map.json so that transformers' AutoTokenizer loads the same tokenizer."""
+        special_tokens_map.json so that transformers' AutoTokenizer loads the same tokenizer; the source
+        checkpoint's other tokenizer files (CARRIED) are copied along."""
         os.makedirs(path, exist_ok=True)
-        self.tok.save(os.path.join(path, "tokenizer.json"))
+        source = self.source
+        if source is None:  # trained here (the tiny default)
+            self.tok.save(os.path.join(path, "tokenizer.json"))
+        elif os.path.realpath(source) != os.path.realpath(path):
+            # the vocabulary never changes: the source's own bytes, not a re-serialisation (tokenizers >= 0.20
+            # writes merges as pairs, which tokenizers < 0.20, i.e. transformers <= 4.44, cannot read)
+            for name in ("tokenizer.json",) + CARRIED:
+                src = os.path.join(source, name)
+                if os.path.isdir(src):
+                    shutil.copytree(src, os.path.join(path, name), dirs_exist_ok=True)
+                elif os.path.isfile(src):
+                    shutil.copyfile(src, os.path.join(path, name))
         # keep the source config's other fields (tokenizer_class, add_bos_token, ...); the added
         # tokens are in tokenizer.json, from which transformers rebuilds added_tokens_decoder
         cfg = {k: v for k, v in self.config.items()
                if k not in ("chat_template", "added_tokens_decoder") and not (k.endswith("_token") and _content(v))}
         cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-        cfg.update(self.special_tokens, chat_template=self.chat_template)
+        named = [{"name": k, "template": v} for k, v in self.named_templates.items()]
+        cfg.update(self.special_tokens, chat_template=[{"name": "default", "template": self.chat_template}] + named
+                   if named else self.chat_template)
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2, ensure_ascii=False)
         with open(os.path.join(path, "special_tokens_map.json"), "w", encoding="utf-8") as f:

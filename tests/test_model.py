@@ -136,6 +136,13 @@ def test_rope_parameters_and_rope_scaling_spellings(tmp_path):
     a, b = LlamaConfig.from_hf(old), LlamaConfig.from_hf(new)
     assert a.rope_theta == b.rope_theta == 500000.0
     assert a.rope_scaling["factor"] == b.rope_scaling["factor"] == 8.0
+    # what we write from a transformers-5 file carries both spellings: a reader of either one alone
+    # (transformers 4 and vLLM on it read only rope_theta/rope_scaling) gets the same RoPE
+    out = b.to_hf()
+    for only in ({k: v for k, v in out.items() if k != "rope_parameters"},
+                 {k: v for k, v in out.items() if k not in ("rope_scaling", "rope_theta")}):
+        c = LlamaConfig.from_hf(only)
+        assert (c.rope_theta, c.rope_scaling) == (b.rope_theta, b.rope_scaling)
 
 
 def test_misplaced_rope_layout_is_caught(tmp_path):

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -452,9 +453,37 @@ def test_named_chat_templates(ckpts, tmp_path):
         if ok:
             tok = Tokenizer.from_pretrained(str(d))
             assert tok.apply_chat_template(conv) == Tokenizer.from_pretrained(path).apply_chat_template(conv)
+            # saved, the other named templates are still there for transformers (and vLLM's tool calls)
+            tok.save_pretrained(str(tmp_path / "saved"))
+            hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+            assert hf.apply_chat_template(conv, chat_template="tool_use", tokenize=False) == "x"
+            assert hf.apply_chat_template(conv, tokenize=False) == tok.apply_chat_template(conv)
         else:
             with pytest.raises(ValueError, match="no 'default' one"):
                 Tokenizer.from_pretrained(str(d))
+
+
+def test_source_files_carried(ckpts, tmp_path):
+    # the vocabulary never changes: tokenizer.json is the source's bytes (a re-serialisation by tokenizers
+    # >= 0.20 writes merges in a form older readers refuse), and the source's slow-tokenizer files,
+    # transformers 5's extra templates and its license go along; a tokenizer trained here is written out
+    src = tmp_path / "src"
+    shutil.copytree(ckpts["llama3"][0], src)
+    text = json.load(open(src / "tokenizer.json"))
+    (src / "tokenizer.json").write_text(json.dumps(text, indent=1) + "\n")  # bytes a re-save would not keep
+    for name in ("vocab.json", "merges.txt", "LICENSE", "USE_POLICY.md", "additional_chat_templates/tool_use.jinja"):
+        os.makedirs(os.path.dirname(src / name), exist_ok=True)
+        (src / name).write_text(f"the source's {name}")
+    (src / "README.md").write_text("about the source model")
+    Tokenizer.from_pretrained(str(src)).save_pretrained(str(tmp_path / "out"))
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "LICENSE", "USE_POLICY.md",
+                 "additional_chat_templates/tool_use.jinja"):
+        assert (tmp_path / "out" / name).read_bytes() == (src / name).read_bytes(), name
+    assert not (tmp_path / "out" / "README.md").exists()
+    trained = Tokenizer.from_pretrained(str(tmp_path / "out"))
+    trained.source = None
+    trained.save_pretrained(str(tmp_path / "again"))
+    assert json.load(open(tmp_path / "again" / "tokenizer.json"))["model"]["vocab"] == text["model"]["vocab"]
 
 
 def test_use_chat_template(ckpts, tmp_path):
