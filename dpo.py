@@ -148,7 +148,8 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     p.add_argument("--data", nargs="*", default=None, help="preference JSONL files, 'file:fraction' or 'file:count' "
                    "(default: on-policy pairs on the built-in prompts)")
     p.add_argument("--out", default="out/dpo")
-    p.add_argument("--preset", choices=["tiny", "tulu3-8b"], default="tiny")
+    p.add_argument("--preset", choices=["tiny", "tulu3-8b"], default=None, help="fills the hyperparameters not "
+                   "given (default: tiny on the built-in tasks, tulu3-8b on --data)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
     # the loss
@@ -187,6 +188,9 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
         "tulu3-8b": dict(loss_type="dpo_norm", epochs=1, batch_size=128, micro_batch_size=1, lr=5e-7,
                          schedule="linear", warmup_ratio=0.1, max_len=2048, save_dtype="bf16"),
     }
+    # the built-in tasks train a 0.85M-parameter model; data of one's own is for a real checkpoint, whose
+    # tiny-model hyperparameters (lr 1e-4..3e-3, fp32 saves) would wreck it
+    args.preset = args.preset or ("tiny" if args.data is None else "tulu3-8b")
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -304,6 +308,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
            f"rejected {lengths[:, 1].mean():.1f}")
     print0(f"model: {n_params / 1e6:.2f}M parameters | world {world} | batch {B} pairs = micro {mB} x accum {accum} "
            f"x world {world} | {total} steps ({steps_per_epoch}/epoch), warmup {warmup} | device {device}")
+    print0(f"preset {args.preset}: lr {args.lr} {args.schedule}, max length {args.max_len}, saved in {args.save_dtype}")
     print0(f"loss: {args.loss_type}, beta {args.beta}" + (f", gamma/beta {args.gamma_beta_ratio}" if args.loss_type ==
            "simpo" else "") + (f", label smoothing {args.label_smoothing}" if args.label_smoothing else ""))
 

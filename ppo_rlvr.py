@@ -302,7 +302,8 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end "
                    "(default with the built-in prompts: the built-in held-out set)")
     p.add_argument("--out", default="out/rlvr")
-    p.add_argument("--preset", choices=["tiny", "tulu3-8b"], default="tiny")
+    p.add_argument("--preset", choices=["tiny", "tulu3-8b"], default=None, help="fills the hyperparameters not "
+                   "given (default: tiny on the built-in tasks, tulu3-8b on --data)")
     p.add_argument("--advantage", choices=["gae", "grpo", "rloo"], default="gae")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
@@ -358,6 +359,9 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
                          lam=0.95, clip=0.2, value_clip=0.2, vf_coef=0.1, ppo_epochs=4, mini_batches=1,
                          micro_batch_size=2, lr=3e-7, schedule="linear", warmup_ratio=0.0, save_dtype="bf16"),
     }
+    # the built-in tasks train a 0.85M-parameter model; data of one's own is for a real checkpoint, whose
+    # tiny-model hyperparameters (lr 1e-4..3e-3, fp32 saves) would wreck it
+    args.preset = args.preset or ("tiny" if args.data is None else "tulu3-8b")
     group = args.advantage in ("grpo", "rloo")
     if args.samples_per_prompt is None:
         args.samples_per_prompt = 4 if group else 1
@@ -466,6 +470,7 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     print0(f"{args.steps} steps x {P} prompts x {n} samples, {args.ppo_epochs} epochs x {args.mini_batches} "
            f"mini-batches | beta {beta} {args.kl_estimator}{' adaptive' if args.kl_target else ''} | "
            f"world {world} | device {device}")
+    print0(f"preset {args.preset}: lr {args.lr} {args.schedule} (value {args.value_lr}), saved in {args.save_dtype}")
 
     # the starting point's held-out accuracy, same prompts and decoding as the final evaluation: from
     # its eval.json when that scored these very prompts so, else evaluated now (kept in out/ for a resume)

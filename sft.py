@@ -39,7 +39,8 @@ p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=
 p.add_argument("--ckpt", default=None, help="HF checkpoint dir to start from (default: a tiny model from scratch)")
 p.add_argument("--data", nargs="*", default=None, help="SFT JSONL files, 'file:fraction' or 'file:count'")
 p.add_argument("--out", default="out/sft")
-p.add_argument("--preset", choices=["tiny", "tulu3-8b"], default="tiny")
+p.add_argument("--preset", choices=["tiny", "tulu3-8b"], default=None, help="fills the hyperparameters not "
+               "given (default: tiny on the built-in tasks, tulu3-8b on --data)")
 p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
 p.add_argument("--seed", type=int, default=0)
 # data
@@ -78,6 +79,9 @@ PRESETS = {
     "tulu3-8b": dict(epochs=2, batch_size=128, micro_batch_size=1, lr=5e-6, schedule="linear", warmup_ratio=0.03,
                      max_len=4096, save_dtype="bf16", val_frac=0.001, eval_every=500, chat_template="tulu"),
 }
+# the built-in tasks train a 0.85M-parameter model; data of one's own is for a real checkpoint, whose
+# tiny-model hyperparameters (lr 1e-4..3e-3, fp32 saves) would wreck it
+args.preset = args.preset or ("tiny" if args.data is None else "tulu3-8b")
 for k, v in PRESETS[args.preset].items():
     if getattr(args, k) is None:
         setattr(args, k, v)
@@ -154,6 +158,7 @@ print0(f"examples: {len(train)} train, {len(val)} val; {n_bad} bad rows skipped,
        f"{n_drop} dropped (over --max-len {args.max_len} or nothing to train on)")
 print0(f"model: {n_params / 1e6:.2f}M parameters | world {world} | batch {B} = micro {mB} x accum {accum} x world "
        f"{world} | {total} steps ({steps_per_epoch}/epoch), warmup {warmup} | device {device}")
+print0(f"preset {args.preset}: lr {args.lr} {args.schedule}, max length {args.max_len}, saved in {args.save_dtype}")
 
 
 def micro_batches(step):

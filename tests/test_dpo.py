@@ -226,7 +226,7 @@ ARGS = ["--loss-type", "dpo", "--beta", "0.5", "--lr", "1e-2", "--batch-size", "
 
 def run_dpo(tiny, out, *extra, nproc=1, wait=True):
     base, path, _ = tiny
-    cmd = ["dpo.py", "--ckpt", base, "--data", path, "--out", str(out), *ARGS, *map(str, extra)]
+    cmd = ["dpo.py", "--ckpt", base, "--data", path, "--preset", "tiny", "--out", str(out), *ARGS, *map(str, extra)]
     cmd = [sys.executable, *cmd] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
     if not wait:
@@ -331,8 +331,8 @@ def test_simpo_rewards_and_accuracy(tiny):
     out = tiny[2] / "simpo"
     # ARGS' --beta 0.5 is dropped: simpo's own default beta (2, not dpo's 0.1) must be the one used
     args = [a for i, a in enumerate(ARGS) if a != "--beta" and (i == 0 or ARGS[i - 1] != "--beta")]
-    cmd = ["dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--out", str(out), *args, "--loss-type", "simpo",
-           "--gamma-beta-ratio", "0.5", "--max-steps", "1"]
+    cmd = ["dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", str(out), *args,
+           "--loss-type", "simpo", "--gamma-beta-ratio", "0.5", "--max-steps", "1"]
     r = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     log = r.stdout
@@ -426,7 +426,7 @@ def test_bad_preference_data_is_one_clear_error(tiny, tmp_path, monkeypatch, cap
     for name, (text, msg) in cases.items():
         path = tmp_path / f"{name}.jsonl"
         path.write_text(text)
-        argv = ["dpo.py", "--ckpt", tiny[0], "--data", str(path), "--out", str(tmp_path / "o")]
+        argv = ["dpo.py", "--ckpt", tiny[0], "--data", str(path), "--preset", "tiny", "--out", str(tmp_path / "o")]
         monkeypatch.setattr(sys, "argv", argv)
         with pytest.raises(SystemExit) as e:
             runpy.run_path(os.path.join(ROOT, "dpo.py"), run_name="__main__")
@@ -442,7 +442,7 @@ def test_flags_refused_before_any_work(tiny, tmp_path, monkeypatch, capsys):
                        (["--label-smoothing", "0.7"], "argument --label-smoothing: expected a number >= 0 and <= 0.5"),
                        (["--loss-type", "ipo", "--label-smoothing", "0.1"],
                         "error: --label-smoothing is defined for the sigmoid losses, not ipo")]:
-        monkeypatch.setattr(sys, "argv", ["dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--out",
+        monkeypatch.setattr(sys, "argv", ["dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out",
                                           str(tmp_path / "o"), *extra])
         with pytest.raises(SystemExit) as e:
             runpy.run_path(os.path.join(ROOT, "dpo.py"), run_name="__main__")

@@ -280,8 +280,10 @@ def test_training_scripts_same_loss_on_both_paths(tmp_path):
     for name, rows in (("sft", sft), ("prefs", prefs)):
         with open(tmp_path / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    runs = {"sft.py": ["--data", tmp_path / "sft.jsonl", "--val-frac", "0", "--batch-size", "4", "--lr", "1e-2"],
-            "dpo.py": ["--data", tmp_path / "prefs.jsonl", "--batch-size", "4", "--lr", "1e-3", "--loss-type", "dpo"]}
+    runs = {"sft.py": ["--data", tmp_path / "sft.jsonl", "--preset", "tiny", "--val-frac", "0", "--batch-size", "4",
+                       "--lr", "1e-2"],
+            "dpo.py": ["--data", tmp_path / "prefs.jsonl", "--preset", "tiny", "--batch-size", "4", "--lr", "1e-3",
+                       "--loss-type", "dpo"]}
     for script, extra in runs.items():
         got = {}
         for impl in ("torch", "triton"):

@@ -69,7 +69,7 @@ def reward_model(tiny, tmp_path_factory):
 
 def run_ppo(tiny, out, *extra, nproc=1, wait=True):
     base, path = tiny
-    cmd = ["ppo_rlvr.py", "--ckpt", base, "--data", path, "--out", str(out), "--eval-n", "0",
+    cmd = ["ppo_rlvr.py", "--ckpt", base, "--data", path, "--preset", "tiny", "--out", str(out), "--eval-n", "0",
            "--max-new-tokens", "16", *map(str, extra)]
     cmd = [sys.executable, *cmd] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
@@ -325,7 +325,8 @@ def test_group_modes_raise_the_reward(tiny, tmp_path, mode):
     assert "value_loss" not in metrics(str(tmp_path / mode))[-1]
     if mode == "grpo":  # its checkpoint has no value model to resume a gae run with: one sentence, not a crash
         base, path = tiny
-        r = subprocess.run([sys.executable, "ppo_rlvr.py", "--ckpt", base, "--data", path, "--out", str(tmp_path / mode),
+        r = subprocess.run([sys.executable, "ppo_rlvr.py", "--ckpt", base, "--data", path, "--preset", "tiny",
+                            "--out", str(tmp_path / mode),
                             "--resume", "--steps", "13", "--prompts-per-step", "8", "--eval-n", "0"],
                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].endswith(
@@ -345,7 +346,8 @@ def test_group_modes_raise_the_reward(tiny, tmp_path, mode):
 ])
 def test_settings_that_cannot_work_are_refused(tiny, tmp_path, extra, msg):
     base, path = tiny
-    cmd = [sys.executable, "ppo_rlvr.py", "--ckpt", base, "--data", path, "--out", str(tmp_path / "o"), *map(str, extra)]
+    cmd = [sys.executable, "ppo_rlvr.py", "--ckpt", base, "--data", path, "--preset", "tiny", "--out",
+           str(tmp_path / "o"), *map(str, extra)]
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and msg in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
 

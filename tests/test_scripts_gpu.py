@@ -48,7 +48,8 @@ def metrics(out):
 
 
 def test_sft_eager_and_compiled(tiny):
-    args = ["--ckpt", tiny / "base", "--data", tiny / "sft.jsonl", "--val-frac", "0", "--batch-size", 32,
+    args = ["--ckpt", tiny / "base", "--data", tiny / "sft.jsonl", "--preset", "tiny", "--val-frac", "0",
+            "--batch-size", 32,
             "--max-steps", 6, "--lr", 3e-3, "--eval-prompts", tiny / "held_out.jsonl"]
     run("sft.py", *args, "--out", tiny / "sft")
     run("sft.py", *args, "--out", tiny / "sft_compiled", "--compile")
@@ -69,13 +70,15 @@ def test_sft_output_loads_in_transformers(tiny):
 
 
 def test_dpo_then_ppo(tiny):
-    run("dpo.py", "--ckpt", tiny / "sft", "--data", tiny / "prefs.jsonl", "--out", tiny / "dpo", "--loss-type", "dpo",
+    run("dpo.py", "--ckpt", tiny / "sft", "--data", tiny / "prefs.jsonl", "--preset", "tiny", "--out", tiny / "dpo",
+        "--loss-type", "dpo",
         "--beta", 0.1, "--batch-size", 16, "--max-steps", 4, "--lr", 1e-4, "--eval-n", 0)
     m = metrics(tiny / "dpo")
     assert len(m) == 4 and all(math.isfinite(r["loss"]) for r in m)  # one row a step
     # step 0: the policy is the reference, so every implicit reward is 0 (up to bf16) and the loss log 2
     assert m[0]["loss"] == pytest.approx(math.log(2), abs=2e-2) and abs(m[0]["margin"]) < 2e-2, m[0]
-    run("ppo_rlvr.py", "--ckpt", tiny / "dpo", "--data", tiny / "rl.jsonl", "--out", tiny / "rlvr", "--steps", 2,
+    run("ppo_rlvr.py", "--ckpt", tiny / "dpo", "--data", tiny / "rl.jsonl", "--preset", "tiny", "--out",
+        tiny / "rlvr", "--steps", 2,
         "--prompts-per-step", 16, "--max-new-tokens", 24, "--eval-n", 0, "--compile")
     m = metrics(tiny / "rlvr")
     assert len(m) == 2 and all(abs(r["logp_gap_max"]) < 0.1 for r in m), m  # generator vs trainer, bf16

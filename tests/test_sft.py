@@ -43,7 +43,8 @@ def tiny(tmp_path_factory):
 
 def run_sft(tiny, out, *extra, nproc=1, wait=True, env=None):
     base, path = tiny
-    cmd = ["sft.py", "--ckpt", base, "--data", path, "--out", str(out), "--val-frac", "0", *map(str, extra)]
+    cmd = ["sft.py", "--ckpt", base, "--data", path, "--preset", "tiny", "--out", str(out), "--val-frac", "0",
+           *map(str, extra)]
     cmd = [sys.executable, *cmd] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
     if not wait:
@@ -356,17 +357,35 @@ def test_empty_file_and_cli_error(tiny, tmp_path):
     empty.write_text("\n")
     with pytest.raises(data.DataError, match="e.jsonl: empty file"):
         data.load_mixture([str(empty)], data.sft_row)
-    r = subprocess.run([sys.executable, "sft.py", "--ckpt", tiny[0], "--data", str(empty), "--out", str(tmp_path / "o")],
+    r = subprocess.run([sys.executable, "sft.py", "--ckpt", tiny[0], "--data", str(empty), "--preset", "tiny",
+                        "--out", str(tmp_path / "o")],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == f"error: {empty}: empty file"
     # the tiny tokenizer has no BOS to add
-    r = subprocess.run([sys.executable, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--add-bos", "--out",
-                        str(tmp_path / "o")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny",
+                        "--add-bos", "--out", str(tmp_path / "o")], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == "error: --add-bos: the tokenizer has no bos_token to add"
-    r = subprocess.run([sys.executable, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--chat-template",
-                        str(tmp_path / "none.jinja"), "--out", str(tmp_path / "o")],
+    r = subprocess.run([sys.executable, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny",
+                        "--chat-template", str(tmp_path / "none.jinja"), "--out", str(tmp_path / "o")],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: --chat-template: [Errno 2]")
+
+
+def test_preset_follows_the_data(tiny, tmp_path):
+    # data of one's own is for a real checkpoint: Tülu 3's hyperparameters (lr 5e-6, bf16 saves) unless
+    # --preset tiny is asked for, never the tiny model's lr 3e-3 silently
+    for preset, want, dtype in ((None, "preset tulu3-8b: lr 5e-06 linear, max length 4096, saved in bf16", "BF16"),
+                                ("tiny", "preset tiny: lr 0.003 cosine, max length 256, saved in fp32", "F32")):
+        out = tmp_path / str(preset)
+        cmd = [sys.executable, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--out", str(out), "--max-steps", "1",
+               "--batch-size", "2", "--eval-n", "0", "--val-frac", "0"] + (["--preset", preset] if preset else [])
+        r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert want in r.stdout, r.stdout
+        with open(out / "model.safetensors", "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {dtype}
 
 
 def test_mixture_counts_fractions_and_gzip(tmp_path):
@@ -485,7 +504,8 @@ def test_number_flags_are_checked_at_the_command_line(tiny, tmp_path, monkeypatc
                              ("--val-frac", "-0.5", "argument --val-frac: expected a number >= 0 and <= 1"),
                              ("--epochs", "-1", "argument --epochs: expected a number > 0"),
                              ("--eval-n", "-1", "argument --eval-n: expected a whole number >= 0")]:
-        assert run_sft_here(monkeypatch, "--ckpt", base, "--data", path, flag, value, "--out", tmp_path / "o") == "2"
+        assert run_sft_here(monkeypatch, "--ckpt", base, "--data", path, "--preset", "tiny", flag, value, "--out",
+                            tmp_path / "o") == "2"
         assert msg in capsys.readouterr().err.strip().splitlines()[-1]
 
 
@@ -503,7 +523,8 @@ def test_bad_checkpoints_and_outputs_are_one_sentence(tiny, tmp_path, monkeypatc
     for ckpt, out, msg in [(tmp_path / "none", tmp_path / "o", f"error: {tmp_path / 'none'}/tokenizer.json not found"),
                            (broken, tmp_path / "o", f"error: {broken}/config.json: 'hidden_size' is missing"),
                            (base, afile, f"error: --out {afile} is a file; it must be a directory")]:
-        err = run_sft_here(monkeypatch, "--ckpt", ckpt, "--data", path, "--out", out)  # SystemExit: no traceback
+        err = run_sft_here(monkeypatch, "--ckpt", ckpt, "--data", path, "--preset", "tiny", "--out",
+                           out)  # SystemExit: no traceback
         assert err.startswith(msg) and "\n" not in err, err
     (broken / "config.json").write_text('{"vocab_size": 300,\n')
     with pytest.raises(ValueError, match="config.json: invalid JSON at line 2"):
@@ -576,6 +597,7 @@ def test_resume_says_what_changed_and_refuses_what_cannot_be(tiny, tmp_path, cap
     assert "flags that differ from the saved run's, in effect from here: --batch-size 16 (saved: 8)" in capsys.readouterr().out
     assert opt.param_groups[0]["weight_decay"] == 0.5
     assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 4
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "--ckpt", tiny[0], "--data", tiny[1], "--out", "."],
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "--ckpt", tiny[0], "--data", tiny[1],
+                        "--preset", "tiny", "--out", "."],
                        cwd=out, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: --out . is, or holds, the working")
