@@ -103,7 +103,8 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
             # both responses, with the paper's weight alignment (eq. 2): each token's probability is
             # divided by sum_v pi(v)^2, the probability the policy gives its own samples on average, so an
             # on-policy pair weighs ~1. w = min(1, exp(avg (log pi - lsq)_c + avg (log pi - lsq)_r)), no
-            # gradient. (open-instruct leaves out the alignment; TRL's use_weighting has it.)
+            # gradient. (open-instruct leaves out the alignment; TRL's use_weighting has it.) Both take pi at
+            # temperature 1: pairs sampled at another --sample-temperature do not weigh ~1 on average.
             if chosen_lsq is None or rejected_lsq is None:
                 raise ValueError("preference_loss: wpo needs chosen_lsq and rejected_lsq (its weight alignment)")
             w = torch.exp((policy_chosen_logps - chosen_lsq) / nc + (policy_rejected_logps - rejected_lsq) / nr)
@@ -154,8 +155,10 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     p.add_argument("--seed", type=int, default=0)
     # the loss
     p.add_argument("--loss-type", choices=LOSS_TYPES, default=None)
-    p.add_argument("--beta", type=number(0, above=True), default=None, help="default per loss: 0.1 dpo/ipo/wpo, 5 dpo_norm, 2 simpo")
-    p.add_argument("--gamma-beta-ratio", type=number(0), default=0.3, help="simpo's target margin gamma / beta")
+    p.add_argument("--beta", type=number(0, above=True), default=None, help="default per loss: 0.1 dpo/ipo/wpo, "
+                   "5 dpo_norm, 2 simpo (ipo's is tau: a target margin 1/(2 beta) between per-token averages)")
+    p.add_argument("--gamma-beta-ratio", type=number(0), default=None, help="simpo's target margin gamma / beta "
+                   "(default 0.3)")
     p.add_argument("--label-smoothing", type=number(0, 0.5), default=0.0, help="conservative DPO's label noise eps")
     # data
     p.add_argument("--max-len", type=positive, default=None, help="tokens per sequence (prompt + response), truncated")
@@ -197,6 +200,9 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     args.beta = DEFAULT_BETA[args.loss_type] if args.beta is None else args.beta  # (dpo_norm's is Tülu 3's 5)
     if args.loss_type == "ipo" and args.label_smoothing:
         raise SystemExit("error: --label-smoothing is defined for the sigmoid losses, not ipo")
+    if args.gamma_beta_ratio is not None and args.loss_type != "simpo":
+        raise SystemExit(f"error: --gamma-beta-ratio is simpo's target margin; it has no effect on {args.loss_type}")
+    args.gamma_beta_ratio = 0.3 if args.gamma_beta_ratio is None else args.gamma_beta_ratio
     check_out(args.out)
     if args.data is not None and args.ckpt is None:
         raise SystemExit("error: --data needs --ckpt (the SFT checkpoint to start from)")

@@ -36,6 +36,8 @@ The other two modes change step 4 and drop the value model; everything else is r
            A = 0 and teaches nothing, though its tokens still count in the loss's normaliser and KL
            term, as in TRL; open-instruct's grpo_fast drops such groups by default);
         3. no per-token reward shaping: the KL is a regulariser of the loss (k3 unless --kl-estimator).
+        The loss is token-normalised as in every mode here (--loss-norm token: open-instruct's and DAPO's);
+        the GRPO paper's mean over each response's tokens, then over responses, is --loss-norm sequence.
   rloo  RLOO (Ahmadian et al. 2024; Kool et al. 2019). n samples per prompt; sequence reward
         R_i = s_i - beta * sum_t KL_t (the KL stays in the reward, as in Tülu's PPO and TRL's RLOO);
         every token of sample i gets A_i = R_i - mean_{j != i} R_j.
@@ -111,6 +113,10 @@ def kl_estimate(logp, ref_logp, kind="k1"):
       k1 = d                  unbiased, any sign per token
       k2 = d^2 / 2            biased (low for small KL), >= 0
       k3 = exp(-d) - 1 + d    unbiased, >= 0 (as ratio - 1 - log ratio of ref/pi)
+    "Unbiased" is about the KL's value. Its gradient is another matter: as a reward (gae, rloo: no gradient
+    through it, the policy gradient carries it), only k1 gives the gradient of KL(pi || ref); k3 gives that of
+    KL(pi || ref) - KL(ref || pi). As a loss term differentiated through logp (grpo), k3 gives the gradient of
+    KL(ref || pi), k2 that of KL(pi || ref), k1 none in expectation (refused).
     d is clamped to [-40, 40] for k3, as open-instruct does, so exp(-d) cannot overflow."""
     d = logp - ref_logp
     if kind == "k1":
@@ -194,6 +200,44 @@ def group_advantages(scores, n, kind="grpo", eps=1e-4):
         raise ValueError(f"group_advantages: kind must be grpo or rloo, got {kind!r}")
     same = (g == g[:, :1]).all(1, keepdim=True)
     return adv.masked_fill(same, 0.0).view(-1).to(scores.dtype)
+
+
+def advantages(kind, scores, kl, values, mask, n, beta, gamma=1.0, lam=0.95, reduce=None):
+    """Step 4 of each mode, from the scores (B,) of B/n groups of n consecutive samples, the per-token KL
+    estimates, values and mask (B, T):
+      gae   per-token rewards (token_rewards), GAE(gamma, lam), advantages whitened over the whole batch
+            (reduce: over all ranks); returns = the advantages *before* whitening + values
+      rloo  sequence rewards s_i - beta * sum_t kl_t, leave-one-out baseline, the same on every token
+      grpo  group-normalised scores on every token; the KL is not in the reward but a loss term (ppo_loss)
+    -> (advantages, returns: None outside gae), both 0 off the mask."""
+    if kind == "gae":
+        adv, returns = gae(token_rewards(scores, kl, mask, beta), values, mask, gamma, lam)
+        return masked_whiten(adv, mask, reduce=reduce), returns
+    seq = scores - beta * kl.sum(1) if kind == "rloo" else scores
+    return group_advantages(seq, n, kind)[:, None] * mask, None
+
+
+def ppo_loss(lp, old_lp, adv, mask, denom, clip=0.2, loss_norm="token", kl_coef=0.0, ref_lp=None, kl_estimator="k3",
+             v=None, old_v=None, returns=None, value_clip=0.2, vf_coef=0.1):
+    """One micro-batch's share of a mini-batch's loss, from (B, T) tensors. Per token: the clipped policy
+    loss, + kl_coef * kl_estimate(lp, ref_lp) (GRPO's KL term, differentiated through lp), + vf_coef x the
+    clipped value loss of v (gae). loss_norm "token": summed over the masked tokens and divided by `denom`,
+    the mini-batch's token count over all micro-batches and ranks; "sequence": each sequence's mean over its
+    tokens, summed and divided by `denom`, the mini-batch's sequence count.
+    -> (loss, (pg, vf, clipped, vclipped) per token, for the metrics)"""
+    pg, clipped = policy_loss(lp, old_lp, adv, clip)
+    per_tok = pg
+    if kl_coef:
+        per_tok = per_tok + kl_coef * kl_estimate(lp, ref_lp, kl_estimator)
+    vf = vclipped = torch.zeros_like(pg)
+    if v is not None:
+        vf, vclipped = value_loss(v, old_v, returns, value_clip)
+        per_tok = per_tok + vf_coef * vf
+    if loss_norm == "token":
+        loss = (per_tok * mask).sum() / denom
+    else:
+        loss = ((per_tok * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / denom
+    return loss, (pg, vf, clipped, vclipped)
 
 
 def explained_variance(values, returns, mask, reduce=None):
@@ -322,7 +366,8 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     p.add_argument("--verify-reward", type=number(), default=None, help="score of a verified response")
     p.add_argument("--no-eos-penalty", type=number(), default=None, help="score of a response without EOS (off if unset)")
     p.add_argument("--beta", type=number(0), default=None, help="KL coefficient (initial value if adaptive)")
-    p.add_argument("--kl-estimator", choices=["k1", "k2", "k3"], default=None, help="default k1, k3 for grpo")
+    p.add_argument("--kl-estimator", choices=["k1", "k2", "k3"], default=None, help="default k1, k3 for grpo "
+                   "(in the reward only k1 gives the KL's gradient: see kl_estimate)")
     p.add_argument("--kl-target", type=number(0, above=True), default=None, help="adaptive beta: target KL per sequence")
     p.add_argument("--kl-horizon", type=number(0, above=True), default=10000, help="adaptive beta: horizon in episodes")
     # PPO
@@ -363,6 +408,11 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     # tiny-model hyperparameters (lr 1e-4..3e-3, fp32 saves) would wreck it
     args.preset = args.preset or ("tiny" if args.data is None else "tulu3-8b")
     group = args.advantage in ("grpo", "rloo")
+    unused = [k for k in ("value_ckpt", "value_lr", "vf_coef", "value_clip", "gamma", "lam")
+              if getattr(args, k) is not None]
+    if group and unused:  # said, not silently ignored: an ablation that sets them would otherwise mean nothing
+        raise SystemExit(f"error: --advantage {args.advantage} has no value model and no GAE: "
+                         f"--{unused[0].replace('_', '-')} has no effect")
     if args.samples_per_prompt is None:
         args.samples_per_prompt = 4 if group else 1
     if args.preset == "tiny" and args.prompts_per_step is None:
@@ -471,6 +521,13 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
            f"mini-batches | beta {beta} {args.kl_estimator}{' adaptive' if args.kl_target else ''} | "
            f"world {world} | device {device}")
     print0(f"preset {args.preset}: lr {args.lr} {args.schedule} (value {args.value_lr}), saved in {args.save_dtype}")
+    if args.kl_target is not None:  # Ziegler's horizon is in episodes: a short run barely moves beta
+        most = (1 + 0.2 * P * n / args.kl_horizon) ** args.steps
+        print0(f"adaptive beta: at most x{most:.3g} or x{1 / most:.3g} over this run's {args.steps} steps of {P * n} "
+               f"episodes (--kl-horizon {args.kl_horizon:g})")
+    if args.advantage != "grpo" and args.kl_estimator != "k1" and args.beta > 0:
+        print0(f"note: {args.kl_estimator} in the reward is a biased estimate of the KL's gradient (k3's is that of "
+               "KL(pi||ref) - KL(ref||pi)); k1 in the reward is unbiased (see kl_estimate)")
 
     # the starting point's held-out accuracy, same prompts and decoding as the final evaluation: from
     # its eval.json when that scored these very prompts so, else evaluated now (kept in out/ for a resume)
@@ -557,13 +614,8 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
 
         # 4. advantages
         kl = kl_estimate(old_lp, ref_lp, args.kl_estimator) * mask if ref is not None else torch.zeros_like(mask)
-        if args.advantage == "gae":
-            adv, returns = gae(token_rewards(scores, kl, mask, beta), values, mask, args.gamma, args.lam)
-            adv = masked_whiten(adv, mask, reduce=red)
-        elif args.advantage == "rloo":
-            adv = group_advantages(scores - beta * kl.sum(1), n, "rloo")[:, None] * mask
-        else:
-            adv = group_advantages(scores, n, "grpo")[:, None] * mask
+        adv, returns = advantages(args.advantage, scores, kl, values, mask, n, beta, args.gamma, args.lam, red)
+        kl_coef = beta if args.advantage == "grpo" and ref is not None else 0.0  # GRPO: KL as a loss term
 
         # 5. PPO epochs over mini-batches; each rank shuffles its own rollouts, a global mini-batch is
         # the union of the ranks' mini-batches
@@ -594,19 +646,11 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
                     m = b["mask"]
                     lp = response_logprobs(policy, b, args.temperature)
                     o = old_lp[J, :w]
-                    pg, clipped = policy_loss(lp, o, adv[J, :w], args.clip)
-                    per_tok = pg
-                    if args.advantage == "grpo" and ref is not None:  # GRPO: KL as a loss term, with grad
-                        per_tok = per_tok + beta * kl_estimate(lp, ref_lp[J, :w], args.kl_estimator)
-                    vf = vclipped = torch.zeros_like(pg)
-                    if vm is not None:
-                        v = vm(b["input_ids"], b["idx"]) * b["mask"]
-                        vf, vclipped = value_loss(v, values[J, :w], returns[J, :w], args.value_clip)
-                        per_tok = per_tok + args.vf_coef * vf
-                    if args.loss_norm == "token":
-                        loss = (per_tok * m).sum() / denom
-                    else:
-                        loss = ((per_tok * m).sum(1) / m.sum(1).clamp(min=1)).sum() / denom
+                    v = vm(b["input_ids"], b["idx"]) * m if vm is not None else None
+                    loss, (pg, vf, clipped, vclipped) = ppo_loss(
+                        lp, o, adv[J, :w], m, denom, args.clip, args.loss_norm, kl_coef, ref_lp[J, :w],
+                        args.kl_estimator, v, values[J, :w], returns[J, :w] if vm is not None else None,
+                        args.value_clip, args.vf_coef)
                     (loss * world).backward()  # FSDP averages gradients over ranks; * world makes it the sum
                     with torch.no_grad():
                         d = (lp - o) * m
@@ -630,19 +674,21 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
         n_tok = tot(mask.sum().item())
         row = {"step": step, "lr": lr, "beta": beta,
                "reward": tot(scores.sum().item()) / N, "accuracy": tot(sum(verified)) / N,
-               "kl": kl_seq, "entropy": tot(-(gen_lp * mask).sum().item()) / n_tok,
+               "entropy": tot(-(gen_lp * mask).sum().item()) / n_tok,
                "pg_loss": sums[0].item() / nt, "clipfrac": sums[2].item() / nt, "approx_kl": sums[4].item() / nt,
                "resp_len": n_tok / N, "no_eos": 1 - tot(sum(has_eos)) / N,
                "logp_gap_mean": tot(gap.sum().item()) / n_tok, "logp_gap_max": all_reduce(gap.max().item(), op="max"),
                "grad_norm": sum(gnorms) / len(gnorms),
                "gen_tok_per_s": tot(sum(map(len, resp))) / all_reduce(t_gen, op="max")}
+        if ref is not None:  # (without a reference, beta 0, the KL is not measured: approx_kl still is)
+            row["kl"] = kl_seq
         if vm is not None:
             row.update(value_loss=sums[1].item() / nt, vf_clipfrac=sums[3].item() / nt,
                        explained_var=explained_variance(values, returns, mask, red))
         beta = adaptive_kl(beta, kl_seq, N, args.kl_target, args.kl_horizon)
         row.update(time=time.time() - t0, gen_time=t_gen)
         log_metrics(args.out, row)
-        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.3f}", kl=f"{kl_seq:.3f}",
+        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.3f}", kl=f"{row.get('kl', 0):.3f}",
                         beta=f"{row['beta']:.3g}", len=f"{row['resp_len']:.0f}")
         if not all(math.isfinite(v) for k, v in row.items() if k not in ("explained_var",)):
             raise SystemExit(f"error: non-finite metric at step {step}: {row}; stopping. The last good "

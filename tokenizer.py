@@ -309,7 +309,9 @@ class Tokenizer:
         with open(os.path.join(path, "special_tokens_map.json"), "w", encoding="utf-8") as f:
             json.dump(self.special_tokens, f, indent=2, ensure_ascii=False)
         # generation_config.json carries the EOS ids (often several) that transformers and vLLM stop on
-        gen = {**getattr(self, "generation_config", {}), "eos_token_id": self.eos_token_ids}
+        gen = dict(getattr(self, "generation_config", {}))
+        first = _ids(gen.get("eos_token_id"))  # the source's order first (transformers pads with the first)
+        gen["eos_token_id"] = first + [i for i in self.eos_token_ids if i not in first]
         if self.bos_id is not None:
             gen.setdefault("bos_token_id", self.bos_id)
         with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:

@@ -441,7 +441,9 @@ def test_flags_refused_before_any_work(tiny, tmp_path, monkeypatch, capsys):
     for extra, msg in [(["--loss-type", "ipo", "--beta", "0"], "argument --beta: expected a number > 0, got '0'"),
                        (["--label-smoothing", "0.7"], "argument --label-smoothing: expected a number >= 0 and <= 0.5"),
                        (["--loss-type", "ipo", "--label-smoothing", "0.1"],
-                        "error: --label-smoothing is defined for the sigmoid losses, not ipo")]:
+                        "error: --label-smoothing is defined for the sigmoid losses, not ipo"),
+                       (["--gamma-beta-ratio", "0.5"],  # (dpo_norm, the default loss)
+                        "error: --gamma-beta-ratio is simpo's target margin; it has no effect on dpo_norm")]:
         monkeypatch.setattr(sys, "argv", ["dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out",
                                           str(tmp_path / "o"), *extra])
         with pytest.raises(SystemExit) as e:

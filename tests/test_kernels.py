@@ -288,7 +288,7 @@ def test_training_scripts_same_loss_on_both_paths(tmp_path):
         got = {}
         for impl in ("torch", "triton"):
             out = tmp_path / f"{script}-{impl}"
-            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root, KERNELS_IMPL=impl,
+            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root, KERNELS_IMPL=impl, CUDA_VISIBLE_DEVICES="",
                        TRITON_INTERPRET="1" if impl == "triton" else "0")
             cmd = [sys.executable, script, "--ckpt", base, "--out", out, "--max-steps", "3", "--eval-n", "0",
                    "--max-len", "64", *extra]

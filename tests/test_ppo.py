@@ -21,12 +21,13 @@ import tasks
 from data import encode_prompt
 from helpers import update_gap
 from model import Llama, generate
-from ppo_rlvr import (ValueModel, adaptive_kl, gae, group_advantages, kl_estimate, masked_whiten, policy_loss,
-                      response_logprobs, rollout_batch, sequence_scores, token_rewards, value_loss)
+from ppo_rlvr import (ValueModel, adaptive_kl, advantages, gae, group_advantages, kl_estimate, masked_whiten,
+                      policy_loss, ppo_loss, response_logprobs, rollout_batch, sequence_scores, token_rewards,
+                      value_loss)
 from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""}  # CPU runs
 
 # IFEval's letter-frequency check ("the letter a at least twice"): a random tiny model passes ~20% of
 # the time and can learn it by favouring tokens with an "a", a real verifier with a learnable signal
@@ -219,6 +220,8 @@ def test_adaptive_kl_controller():
     assert adaptive_kl(0.1, 6.6, 1000, 6.0, 10000) == pytest.approx(0.1 * (1 + 0.1 * 0.1))
     assert adaptive_kl(0.1, 60.0, 1000, 6.0, 10000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped at 20%
     assert adaptive_kl(0.1, 0.0, 1000, 6.0, 10000) == pytest.approx(0.1 * (1 - 0.2 * 0.1))
+    assert adaptive_kl(0.1, 6.3, 500, 6.0, 10000) == pytest.approx(0.1 * (1 + 0.05 * 0.05))  # n / horizon = 0.05
+    assert adaptive_kl(0.1, 3.0, 64, 6.0, 200) == pytest.approx(0.1 * (1 - 0.2 * 0.32))
     # closed loop: KL proportional to 1/beta settles at the target
     beta = 0.01
     for _ in range(2000):
@@ -238,6 +241,85 @@ def test_group_advantages():
     assert group_advantages(torch.tensor([1.0, 2.0]), 2, "rloo").tolist() == [-1.0, 1.0]
     with pytest.raises(ValueError, match="n >= 2"):
         group_advantages(s, 1, "rloo")
+
+
+def random_rollouts(B=6, T=5, n=3, seed=0):
+    """scores (B,), kl, values, mask (B, T) in float64, responses of lengths 1..T (one of each, and T twice)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [5, 1, 3, 4, 2, 5][:B]
+    mask = torch.tensor([[1.0] * k + [0.0] * (T - k) for k in lens], dtype=torch.float64)
+    scores = torch.tensor([10.0, 0.0, 10.0, 0.0, 0.0, 10.0], dtype=torch.float64)[:B]
+    kl = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3 * mask
+    values = torch.randn(B, T, generator=g, dtype=torch.float64) * mask
+    return scores, kl, values, mask, lens
+
+
+def test_advantages_of_each_mode():
+    """Step 4 against the definitions, one sequence at a time (gamma and lambda apart, so swapping them shows;
+    KL and whitening on, so dropping either shows)."""
+    scores, kl, values, mask, lens = random_rollouts()
+    beta, gamma, lam, n = 0.1, 0.9, 0.8, 3
+    # gae: rewards -beta kl_t plus the score on the last token; GAE; returns before whitening; whitened
+    adv, ret = advantages("gae", scores, kl, values, mask, n, beta, gamma, lam)
+    raw, want_ret = [], []
+    for b, L in enumerate(lens):
+        r = [-beta * kl[b, t].item() + (scores[b].item() if t == L - 1 else 0.0) for t in range(L)]
+        a, R = gae_reference(r, values[b].tolist(), L, gamma, lam)
+        raw.append(a)
+        want_ret.append(R)
+    flat = torch.tensor([a for row in raw for a in row], dtype=torch.float64)
+    mean, std = flat.mean(), flat.std()  # unbiased, as open-instruct's masked_whiten
+    for b, L in enumerate(lens):
+        assert adv[b, :L].tolist() == pytest.approx(((torch.tensor(raw[b]) - mean) / std).tolist(), abs=1e-6)
+        assert ret[b, :L].tolist() == pytest.approx(want_ret[b], abs=1e-9)
+        assert (adv[b, L:] == 0).all() and (ret[b, L:] == 0).all()
+    # rloo: R_i = s_i - beta sum_t kl_t, minus the mean of the other samples' R, on every token
+    adv, ret = advantages("rloo", scores, kl, values, mask, n, beta)
+    R = [scores[b].item() - beta * kl[b].sum().item() for b in range(6)]
+    for b, L in enumerate(lens):
+        others = [R[j] for j in range(b // n * n, b // n * n + n) if j != b]
+        assert adv[b, :L].tolist() == pytest.approx([R[b] - sum(others) / (n - 1)] * L, abs=1e-9)
+        assert (adv[b, L:] == 0).all()
+    assert ret is None
+    # grpo: the group-normalised score on every token; the KL is not in it (a loss term instead)
+    adv, ret = advantages("grpo", scores, kl, values, mask, n, beta)
+    for b, L in enumerate(lens):
+        grp = scores[b // n * n:b // n * n + n]
+        want = (scores[b] - grp.mean()) / (grp.std(unbiased=False) + 1e-4)
+        assert adv[b, :L].tolist() == pytest.approx([want.item()] * L, abs=1e-9)
+    assert torch.equal(adv, advantages("grpo", scores, kl * 0, values, mask, n, beta)[0])
+
+
+def test_ppo_loss_terms():
+    """Each term of the per-token loss by its gradient: GRPO's KL term through logp (k3: the gradient of
+    KL(ref || pi), beta (1 - ref/pi) per token; k2: beta d), the value term (vf_coef (v - R) unclipped),
+    and both normalisations."""
+    g = torch.Generator().manual_seed(1)
+    _, _, _, mask, lens = random_rollouts()
+    lp0 = -torch.rand(6, 5, generator=g, dtype=torch.float64) * 3
+    ref = lp0 + torch.randn(6, 5, generator=g, dtype=torch.float64) * 0.5
+    zero = torch.zeros_like(lp0)
+    denom = 7.0
+    for est, want in (("k3", lambda lp: 0.2 * (1 - torch.exp(ref - lp))), ("k2", lambda lp: 0.2 * (lp - ref))):
+        lp = lp0.clone().requires_grad_()
+        loss, _ = ppo_loss(lp, lp0, zero, mask, denom, kl_coef=0.2, ref_lp=ref, kl_estimator=est)
+        loss.backward()  # (advantage 0: the policy term has no gradient)
+        assert torch.allclose(lp.grad, want(lp0) * mask / denom, atol=1e-12), est
+    # value term: v within the clip range of old_v, so unclipped
+    v = (lp0 * 0.1).requires_grad_()
+    returns = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    loss, (_, vf, _, vclipped) = ppo_loss(lp0, lp0, zero, mask, denom, v=v, old_v=lp0 * 0.1 + 0.01, returns=returns,
+                                          value_clip=0.2, vf_coef=0.3)
+    loss.backward()
+    assert (vclipped == 0).all() and torch.allclose(v.grad, 0.3 * (v - returns).detach() * mask / denom, atol=1e-12)
+    # normalisations: token sums every token over denom; sequence averages each response first
+    adv = torch.randn(6, 5, generator=g, dtype=torch.float64) * mask
+    lp = lp0 + 0.05
+    pg, _ = policy_loss(lp, lp0, adv, 0.2)
+    tok, _ = ppo_loss(lp, lp0, adv, mask, denom)
+    seq, _ = ppo_loss(lp, lp0, adv, mask, 6.0, loss_norm="sequence")
+    assert tok.item() == pytest.approx((pg * mask).sum().item() / denom, abs=1e-12)
+    assert seq.item() == pytest.approx(sum((pg[b, :L].mean()).item() for b, L in enumerate(lens)) / 6, abs=1e-12)
 
 
 # -----------------------------------------------------------------------------
@@ -340,6 +422,8 @@ def test_group_modes_raise_the_reward(tiny, tmp_path, mode):
     (("--max-prompt-len", 5), "0 prompts (64 more are over --max-prompt-len 5) is fewer than one batch"),
     (("--kl-target", 1.0, "--beta", 0), "--kl-target adapts beta multiplicatively"),
     (("--advantage", "grpo", "--kl-estimator", "k1"), "k1 = logp - ref_logp has zero expected gradient"),
+    (("--advantage", "rloo", "--vf-coef", 0.5), "--advantage rloo has no value model and no GAE: --vf-coef has no"),
+    (("--advantage", "grpo", "--lam", 0.9), "--advantage grpo has no value model and no GAE: --lam has no effect"),
     (("--max-new-tokens", 0), "argument --max-new-tokens: expected a whole number >= 1, got '0'"),
     (("--ppo-epochs", "1.5"), "argument --ppo-epochs: expected a whole number >= 1, got '1.5'"),
     (("--verify-reward", "nan"), "argument --verify-reward: expected a finite number, got 'nan'"),
@@ -360,6 +444,18 @@ def test_more_samples_per_prompt_than_the_tiny_rollout_batch(tiny, tmp_path):
     m = metrics(str(tmp_path / "o"))
     assert len(m) == 1
     assert m[0]["logp_gap_max"] <= 1e-5  # sampled and trained at the same temperature (not only at 1)
+    assert abs(m[0]["kl"]) <= 1e-6  # the reference (the policy itself at step 0) is read at that temperature too
+
+
+def test_no_eos_penalty_sequence_norm_and_no_reference(tiny, tmp_path):
+    """One token per response: none ends with EOS, so every score is the penalty; beta 0 loads no reference
+    and logs no KL (it would read 0 while the policy moves); the per-sequence normalisation runs (its
+    arithmetic: test_ppo_loss_terms)."""
+    run_ppo(tiny, tmp_path / "o", "--steps", 1, "--prompts-per-step", 8, "--max-new-tokens", 1,
+            "--no-eos-penalty", -10, "--beta", 0, "--loss-norm", "sequence", "--lr", 1e-2)
+    m = metrics(str(tmp_path / "o"))[0]
+    assert m["no_eos"] == 1 and m["reward"] == -10
+    assert "kl" not in m
 
 
 def test_two_processes_equal_one(tiny, reward_model, tmp_path):
@@ -380,6 +476,8 @@ def test_two_processes_equal_one(tiny, reward_model, tmp_path):
     assert update_gap(w1, w2, load_file(os.path.join(tiny[0], "model.safetensors"))) < 1e-3
     v1, v2 = (torch.load(tmp_path / k / "train_state.pt", weights_only=False)["value"]["model"] for k in ("one", "two"))
     assert max_diff(v1, v2) < 1e-5
+    # and the value model did learn: its head moved off the reward model's score layer
+    assert (v1["head.weight"] - reward_model[1].score.weight).abs().max() > 1e-4
 
 
 def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
@@ -403,6 +501,8 @@ def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
     full, res = metrics(str(tmp_path / "full")), metrics(str(out))
     assert [m["step"] for m in res] == list(range(4))
     assert full[-1]["beta"] != full[0]["beta"]
+    for a, b in zip(full, full[1:]):  # fed each step's KL per sequence and its 8 episodes
+        assert b["beta"] == pytest.approx(adaptive_kl(a["beta"], a["kl"], 8, 1.0, 100), rel=1e-9)
     for a, b in zip(full, res):  # beta (adaptive here), rewards, losses: all continue exactly
         for k in ("beta", "reward", "kl", "pg_loss", "value_loss"):
             assert a[k] == pytest.approx(b[k], abs=1e-6), k

@@ -359,6 +359,8 @@ def test_special_tokens_and_eos_ids(ckpts, base, tmp_path):
     assert llama.pad_id == eot  # no pad token: falls back to EOS
     llama.save_pretrained(str(tmp_path / "resaved"))  # every EOS id survives a save (generation_config)
     assert Tokenizer.from_pretrained(str(tmp_path / "resaved")).eos_token_ids == [eot, eot_text]
+    # in the source's order (transformers pads with the first when a config names no pad token)
+    assert json.load(open(tmp_path / "resaved" / "generation_config.json"))["eos_token_id"] == [eot_text, eot]
     tulu = Tokenizer.from_pretrained(ckpts["tulu"][0])
     assert tulu.eos_token_ids == [base.token_to_id("<|end_of_text|>")] and tulu.pad_id == base.token_to_id("<pad>")
     chatml = Tokenizer.from_pretrained(ckpts["chatml"][0])
