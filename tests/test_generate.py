@@ -205,6 +205,28 @@ def test_same_seed_same_samples(pair):
     assert a == b and a[0] != c[0]
 
 
+@torch.no_grad()
+def test_batches_and_unseeded_calls_draw_fresh_noise(pair):
+    # the copies of one prompt split over batches (PPO's n samples with --gen-batch-size < n) must not share
+    # noise (a group of identical samples has no spread to learn from); seed=None is a fresh draw each call
+    model, _ = pair
+    tokens, _ = generate(model, [PROMPTS[0]] * 4, 12, temperature=1.0, seed=0, batch_size=1)
+    assert len({tuple(t) for t in tokens}) == 4
+    assert generate(model, PROMPTS[:1], 12)[0] != generate(model, PROMPTS[:1], 12)[0]
+
+
+def test_top_p_boundary_as_transformers():
+    # uniform probabilities 1/V make every cumulative sum exact: the kept set's size must be transformers'
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from model import sample
+    for V, top_p in [(4, 0.5), (8, 0.25), (8, 0.75), (4, 0.75), (8, 0.3)]:
+        logits = torch.zeros(1, V)
+        _, logp = sample(logits, 1.0, 0, top_p, torch.rand(1, V, generator=torch.Generator().manual_seed(0)))
+        kept = torch.isfinite(TopPLogitsWarper(top_p)(None, logits.clone())).sum().item()
+        assert logp.item() == pytest.approx(-math.log(kept), abs=1e-6), (V, top_p, kept)
+
+
 def test_bad_input(pair):
     model, _ = pair
     with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):

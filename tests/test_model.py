@@ -19,8 +19,9 @@ torch.manual_seed(0)
 BASE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=256,
             initializer_range=0.2)
 CONFIGS = {
-    # Llama 2: no GQA, theta 1e4, untied
-    "llama2": ("llama", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0)),
+    # Llama 2: no GQA, theta 1e4, untied, its rms_norm_eps 1e-5 (not transformers' default: read, not assumed)
+    "llama2": ("llama", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0,
+                             rms_norm_eps=1e-5)),
     # Llama 3: GQA, theta 5e5
     "llama3": ("llama", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0)),
     # Llama 3.1: llama3 rope scaling factor 8
@@ -35,9 +36,9 @@ CONFIGS = {
     # Qwen2: q/k/v biases, GQA
     "qwen2": ("qwen2", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0,
                             rms_norm_eps=1e-6)),
-    # odd sizes: vocab not a multiple of 8, 3 kv heads, head_dim set explicitly
+    # odd sizes: vocab not a multiple of 8, 3 kv heads, head_dim set explicitly (24, not hidden / heads = 16)
     "odd": ("llama", dict(vocab_size=251, hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
-                          head_dim=16, intermediate_size=100, rope_theta=500000.0)),
+                          head_dim=24, intermediate_size=100, rope_theta=500000.0)),
 }
 
 
@@ -414,3 +415,37 @@ def test_atomic_save_keeps_old_checkpoint_on_failure(ckpt, tmp_path, monkeypatch
         model.save_pretrained(out)
     assert open(os.path.join(out, "model.safetensors"), "rb").read() == before
     assert not os.path.exists(tmp_path / ".out.tmp")  # the half-written temp directory is gone
+
+
+@torch.no_grad()
+def test_rope_dict_theta_wins_over_a_top_level_one(tmp_path):
+    """A file with theta in its rope dict and a disagreeing top-level rope_theta: transformers keeps the
+    dict's, so must we."""
+    path = str(tmp_path / "m")
+    make_hf("llama3", path)
+    d = json.load(open(os.path.join(path, "config.json")))
+    edit_config(path, **{rope_key(d): {**LLAMA3_ROPE, "rope_theta": 500000.0}, "rope_theta": 10000.0})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    x = tokens(256, T=80)
+    assert (Llama.from_pretrained(path)(x) - hf(x).logits).abs().max().item() <= 1e-5
+
+
+def test_rmsnorm_bitwise_as_transformers_in_bf16():
+    """The cast order (weight * normed.to(bf16)), not only the fp32 statistics: bit for bit."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from model import RMSNorm
+    x = (torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 3).bfloat16()
+    ours, theirs = RMSNorm(64, 1e-5), LlamaRMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        w = torch.randn(64, generator=torch.Generator().manual_seed(1))
+        ours.weight.copy_(w)
+        theirs.weight.copy_(w)
+    assert torch.equal(ours.bfloat16()(x), theirs.bfloat16()(x))
+
+
+def test_loads_in_the_dtype_asked_for(tmp_path):
+    make_hf("llama32", str(tmp_path / "m"))
+    model = Llama.from_pretrained(str(tmp_path / "m"), dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+

@@ -350,6 +350,26 @@ def test_mask_refuses_prefix_unstable_templates(base):
         tokenize_conversation(Tokenizer(base.tok, {"eos_token": "<|endoftext|>"}, THINK_TEMPLATE), ok)
 
 
+def test_every_eos_id_ends_a_trained_span(base):
+    # Llama 3 base style: eos_token <|end_of_text|>, while the chat template ends turns with <|eot_id|>, an EOS
+    # id of generation_config.json: trained, as the token the model must learn to stop on
+    tok = Tokenizer(base.tok, dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"), LLAMA3_TEMPLATE,
+                    eos_token_ids=[base.token_to_id("<|eot_id|>")])
+    ids, mask = tokenize_conversation(tok, CONVERSATIONS[0])
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == "".join(
+        m["content"] + "<|eot_id|>" for m in CONVERSATIONS[0] if m["role"] == "assistant")
+
+
+def test_a_later_turn_without_eos_is_refused(base):
+    # a template that drops the EOS from the second assistant turn on: an earlier turn's EOS must not count
+    t = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] }}"
+         "{% if m['role'] != 'assistant' or loop.index0 < 3 %}{{ '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    tok = Tokenizer(base.tok, {"eos_token": "<|im_end|>"}, t)
+    with pytest.raises(ValueError, match=r"messages\[4\] renders without any EOS"):
+        tokenize_conversation(tok, CONVERSATIONS[0][:5])
+
+
 def test_special_tokens_and_eos_ids(ckpts, base, tmp_path):
     llama = Tokenizer.from_pretrained(ckpts["llama3"][0])
     eot, eot_text = base.token_to_id("<|eot_id|>"), base.token_to_id("<|end_of_text|>")
