@@ -21,7 +21,7 @@ import common
 import data
 import tasks
 from common import IGNORE
-from model import Llama
+from model import Llama, LlamaConfig
 from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -404,6 +404,48 @@ def test_mixture_counts_fractions_and_gzip(tmp_path):
     for bad in ("1.5", "-1", "x"):
         with pytest.raises(data.DataError, match="must be a fraction \\(0 to 1\\) or a row count"):
             data.load_mixture([f"{a}:{bad}"], data.sft_row)
+
+
+def test_mixture_and_epoch_order_follow_the_seed(tmp_path):
+    # a file's rows are shuffled by the seed (a fraction takes other rows, the validation rows are others),
+    # and the data order is a permutation of its own per (seed, epoch): reproducible, new every epoch
+    a = tmp_path / "a.jsonl"
+    a.write_text("".join(json.dumps({"messages": [{"role": "user", "content": str(i)},
+                                                  {"role": "assistant", "content": "x"}]}) + "\n" for i in range(40)))
+    take = lambda spec, seed: [r[0]["content"] for r in data.load_mixture([spec], data.sft_row, seed=seed)[0]]  # noqa
+    assert take(str(a), 0) == take(str(a), 0) != take(str(a), 1)
+    assert sorted(take(str(a), 0), key=int) == [str(i) for i in range(40)] != take(str(a), 0)
+    assert set(take(f"{a}:0.25", 0)) != set(take(f"{a}:0.25", 1))
+    order = data.epoch_order(40, 0, 0)
+    assert sorted(order) == list(range(40)) and order == data.epoch_order(40, 0, 0)
+    assert order != data.epoch_order(40, 1, 0) and order != data.epoch_order(40, 0, 1)
+
+
+def test_schedule_optimizer_and_step_plan():
+    # after warmup, transformers' schedulers (the oracle) step for step; warmup starts at lr/warmup, not 0
+    # (transformers' first step trains at lr 0)
+    transformers = pytest.importorskip("transformers")
+    from argparse import Namespace
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    for kind, make in (("linear", transformers.get_linear_schedule_with_warmup),
+                       ("cosine", transformers.get_cosine_schedule_with_warmup)):
+        hf = make(opt, 4, 30).lr_lambdas[0]
+        assert [common.lr_at(s, 30, 2.0, 4, kind) for s in range(4, 31)] == pytest.approx(
+            [2.0 * hf(s) for s in range(4, 31)], abs=1e-12)
+        assert [common.lr_at(s, 30, 2.0, 4, kind) for s in range(4)] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    assert common.lr_at(29, 30, 2.0, 0, "constant") == 2.0
+    # AdamW with torch's defaults; decay on matrices only (not norms, biases)
+    model = Llama(LlamaConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32))
+    opt = common.build_optimizer(model, 1e-3, weight_decay=0.1)
+    assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
+    for g in opt.param_groups:
+        assert all((p.dim() >= 2) == (g["weight_decay"] == 0.1) for p in g["params"])
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    # steps: whole batches per epoch, epochs may be fractional, warmup rounded down, accumulation per rank
+    args = Namespace(batch_size=8, micro_batch_size=2, epochs=1.5, max_steps=None, warmup_ratio=0.3)
+    assert common.plan_steps(100, args, 2) == (2, 12, 18, 5)
+    args = Namespace(batch_size=8, micro_batch_size=8, epochs=2, max_steps=20, warmup_ratio=0.1)
+    assert common.plan_steps(100, args, 1) == (1, 12, 20, 2)
 
 
 def test_preference_and_rlvr_rows():
