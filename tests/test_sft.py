@@ -5,6 +5,7 @@ data.py and sft.py: assistant-only targets, packing, loss normalisation, FSDP2 p
 """
 import gzip
 import json
+import math
 import os
 import runpy
 import shutil
@@ -148,33 +149,110 @@ def test_compiled_blocks_match_eager(tiny, tmp_path):
     assert ev[0] == ev[1]
 
 
-def test_first_step_loss_and_gradient_match_transformers(tiny, tmp_path):
-    """The logged loss of a step is the mean NLL over the step's assistant tokens (all examples, all
-    micro-batches), and its gradient norm that mean's: both against transformers in float64. The step
-    holds the whole 6-row file, so its order does not matter."""
-    import transformers
+def hf_nll(hf, tok, conversations):
+    """Summed NLL over the assistant tokens of each conversation (one forward each: no padding), and their
+    count: the reference for the script's loss, from transformers."""
     from tokenizer import tokenize_conversation
-    base, path = tiny
-    rows = open(path).readlines()[:6]
-    small = tmp_path / "six.jsonl"
-    small.write_text("".join(rows))
-    run_sft((base, str(small)), tmp_path / "o", "--max-steps", 1, "--batch-size", 6, "--micro-batch-size", 2,
-            "--eval-n", 0)
-    m = json.loads(open(tmp_path / "o" / "metrics.jsonl").readline())
-    tok = Tokenizer.from_pretrained(base)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(base).double()
     nll, n = 0.0, 0
-    for row in rows:
-        ids, mask = tokenize_conversation(tok, json.loads(row)["messages"])
+    for msgs in conversations:
+        ids, mask = tokenize_conversation(tok, msgs)
         x = torch.tensor([ids])
         logp = torch.log_softmax(hf(x).logits[0, :-1], -1).gather(1, x[0, 1:, None])[:, 0]  # token t+1 given :t
         on = torch.tensor(mask[1:], dtype=torch.bool)
         nll, n = nll - logp[on].sum(), n + int(on.sum())
+    return nll, n
+
+
+def grad_norm(model):
+    return torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters() if p.grad is not None)).item()
+
+
+def test_first_step_loss_and_gradient_match_transformers(tiny, tmp_path):
+    """The logged loss of a step is the mean NLL over the step's assistant tokens (all examples, all
+    micro-batches), and its gradient norm that mean's: both against transformers in float64. The step
+    holds the whole 6-row file, so its order does not matter for the sum. With --loss-reduction mean the
+    gradient is that of the mean over micro-batches of each micro-batch's token mean (the logged loss stays
+    the token mean); its micro-batches are the step's rows in the seeded order, two by two."""
+    import transformers
+    base, path = tiny
+    rows = open(path).readlines()[:6]
+    small = tmp_path / "six.jsonl"
+    small.write_text("".join(rows))
+    for red in ("sum", "mean"):
+        run_sft((base, str(small)), tmp_path / red, "--max-steps", 1, "--batch-size", 6, "--micro-batch-size", 2,
+                "--eval-n", 0, "--loss-reduction", red)
+    tok = Tokenizer.from_pretrained(base)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base).double()
+    nll, n = hf_nll(hf, tok, [json.loads(r)["messages"] for r in rows])
     (nll / n).backward()
-    gnorm = torch.sqrt(sum((p.grad ** 2).sum() for p in hf.parameters())).item()
+    m = json.loads(open(tmp_path / "sum" / "metrics.jsonl").readline())
     assert m["tokens"] == n
     assert m["loss"] == pytest.approx((nll / n).item(), rel=1e-5)
-    assert m["grad_norm"] == pytest.approx(gnorm, rel=1e-6)  # (measured 4e-8: a norm over some params shows)
+    assert m["grad_norm"] == pytest.approx(grad_norm(hf), rel=1e-6)  # (measured 4e-8: a norm over some params shows)
+    hf.zero_grad()
+    msgs = data.load_mixture([str(small)], data.sft_row, seed=0)[0]  # the script's seeded shuffle of the file
+    order = data.epoch_order(6, 0, 0)
+    for j in range(0, 6, 2):
+        nll_j, n_j = hf_nll(hf, tok, [msgs[k] for k in order[j:j + 2]])
+        (nll_j / n_j / 3).backward()
+    m = json.loads(open(tmp_path / "mean" / "metrics.jsonl").readline())
+    assert m["loss"] == pytest.approx((nll / n).item(), rel=1e-5)
+    assert m["grad_norm"] == pytest.approx(grad_norm(hf), rel=1e-6)
+
+
+def test_a_run_matches_a_reference_trainer(tiny, tmp_path):
+    """Four optimizer steps of the script against a trainer written out here on transformers in float64:
+    8 rows, the first 2 of the seeded shuffle held out for validation, the other 6 in batches of 3 (micro-
+    batches of 1) for 2 epochs, each epoch in its own order; lr 1e-3 warmed up over 2 steps then cosine; AdamW
+    with weight decay 1.0 on matrices only; the gradient clipped to norm 0.3. Each step's logged loss, lr,
+    gradient norm (before clipping) and validation loss (after the step, per token over both rows), and the
+    final weights."""
+    import transformers
+    base, path = tiny
+    small = tmp_path / "eight.jsonl"
+    small.write_text("".join(open(path).readlines()[:8]))
+    lr, clip = 1e-3, 0.3
+    r = run_sft((base, str(small)), tmp_path / "o", "--epochs", 2, "--batch-size", 3, "--micro-batch-size", 1,
+                "--val-frac", 0.25, "--eval-every", 1, "--lr", lr, "--schedule", "cosine", "--warmup-ratio", 0.5,
+                "--weight-decay", 1.0, "--grad-clip", clip, "--eval-n", 0)
+    assert "examples: 6 train, 2 val;" in r.stdout
+    logged = [json.loads(ln) for ln in open(tmp_path / "o" / "metrics.jsonl")]
+    assert [m["step"] for m in logged] == [0, 1, 2, 3]
+
+    tok = Tokenizer.from_pretrained(base)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base).double()
+    msgs = data.load_mixture([str(small)], data.sft_row, seed=0)[0]  # the script's seeded shuffle of the file
+    val_rows, train_rows = msgs[:2], msgs[2:]
+    with torch.no_grad():  # rows of unequal length: a mean of the two rows' means would differ
+        assert hf_nll(hf, tok, val_rows[:1])[1] != hf_nll(hf, tok, val_rows[1:])[1]
+    params = list(hf.parameters())
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 1.0},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr)
+    orders = [data.epoch_order(6, e, 0) for e in (0, 1)]
+    assert {frozenset(o[:3]) for o in orders} != {frozenset(orders[0][:3])}  # the second epoch regroups the rows
+    for step, m in enumerate(logged):
+        epoch, i = divmod(step, 2)
+        rows = [train_rows[k] for k in orders[epoch][3 * i:3 * i + 3]]
+        step_lr = lr * (step + 1) / 2 if step < 2 else lr * 0.5 * (1 + math.cos(math.pi * (step - 2) / 2))
+        for g in opt.param_groups:
+            g["lr"] = step_lr
+        nll, n = hf_nll(hf, tok, rows)
+        (nll / n).backward()
+        norm = grad_norm(hf)
+        for p in params:  # torch's clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1
+            p.grad *= min(1.0, clip / (norm + 1e-6))
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            vnll, vn = hf_nll(hf, tok, val_rows)
+        assert m["loss"] == pytest.approx((nll / n).item(), rel=1e-5)
+        assert m["lr"] == pytest.approx(step_lr, rel=1e-12)
+        assert m["grad_norm"] == pytest.approx(norm, rel=1e-5) and norm > clip  # clipping is in play
+        assert m["val_loss"] == pytest.approx((vnll / vn).item(), rel=1e-5)
+    ours = weights(str(tmp_path / "o"))
+    ref = {k: v.float() for k, v in hf.state_dict().items()}
+    diff = max_diff(ours, ref)
+    assert diff < 2e-5, diff  # (measured 4.5e-6: fp32 against float64)
 
 
 def test_chat_template_flag_trains_with_and_saves_the_template(tiny, tmp_path):
