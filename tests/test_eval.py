@@ -141,6 +141,49 @@ def test_builtin_cli_two_ranks(runs, ckpt, one_thread):
         assert m[t] == pytest.approx(one["per_task"][t]["accuracy"])
 
 
+def test_evaluate_scores_decoded_responses_per_token_and_per_task(ckpt, monkeypatch):
+    """common.evaluate on responses fixed in advance (generate stubbed): each prompt is the chat rendering
+    ending at the assistant header, decoded greedily up to the tokenizer's EOS ids; the response is decoded
+    without special tokens (an IFEval end phrase right before EOS counts), and the accuracy is over rows
+    (micro: 3 of 4), not a mean of the tasks' (macro: 5/6)."""
+    import model as model_module
+    tok = Tokenizer.from_pretrained(ckpt)
+    end = "Is there anything else I can help with?"
+    rows = [tasks.rlvr_row(f"What is {a} + {b}?", "tiny_arith", str(a + b)) for a, b in ((1, 3), (2, 5), (4, 5))]
+    rows.append(tasks.rlvr_row("Write a line.", "tiny_if", json.dumps(
+        {"instruction_id_list": ["startend:end_checker"], "kwargs": [{"end_phrase": end}]})))
+    responses = ["1 + 3 = 4.\n#### 4", "2 + 5 = 7.\n#### 7", "4 + 5 = 8.\n#### 8", f"A line. {end}"]
+    calls = []
+
+    def fake_generate(model, prompts, max_new_tokens, temperature, eos_token_ids, batch_size):
+        calls.append((prompts, max_new_tokens, temperature, eos_token_ids))
+        return [tok.encode(r) + [tok.eos_token_ids[0]] for r in responses], None
+
+    monkeypatch.setattr(model_module, "generate", fake_generate)
+    preds = []
+    res = common.evaluate(Llama.from_pretrained(ckpt), tok, rows, max_new_tokens=5, predictions=preds)
+    (prompts, n_new, temperature, eos), = calls
+    assert (n_new, temperature, eos) == (5, 0.0, tok.eos_token_ids)
+    for p, r in zip(prompts, rows):
+        assert tok.decode(p) == f"<|user|>\n{r['messages'][0]['content']}\n<|assistant|>\n"
+    assert preds == [(i, text, s) for i, (text, s) in enumerate(zip(responses, (1.0, 1.0, 0.0, 1.0)))]
+    assert res["per_task"] == {"tiny_arith": {"accuracy": pytest.approx(2 / 3), "n": 3},
+                               "tiny_if": {"accuracy": 1.0, "n": 1}}
+    assert res["accuracy"] == 0.75 and res["n"] == 4 and res["max_new_tokens"] == 5
+
+
+def test_a_generation_prompt_ends_where_training_starts(ckpt):
+    """data.encode_prompt's ids are the conversation's up to its assistant turn, and the next token is the
+    first one SFT trains on: generation continues exactly where training began."""
+    from data import encode_prompt
+    from tokenizer import tokenize_conversation
+    tok = Tokenizer.from_pretrained(ckpt)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
+    prompt = encode_prompt(tok, msgs)
+    ids, mask = tokenize_conversation(tok, msgs + [{"role": "assistant", "content": "4"}])
+    assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)]) and mask[len(prompt)]
+
+
 # -----------------------------------------------------------------------------
 # prompts, exactly per protocol (Tülu chat template of the tiny checkpoint)
 

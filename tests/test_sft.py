@@ -295,6 +295,18 @@ def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
     assert open(out / "metrics.jsonl").readlines()[:step] == before
     assert max_diff(weights(str(tmp_path / "full")), weights(str(out))) < 1e-6
     assert losses(str(out)) == pytest.approx(losses(str(tmp_path / "full")), abs=1e-6)
+    # a finished run resumes at its last step: nothing to redo, its log kept whole, the weights as they were
+    full = str(tmp_path / "full")
+    log, w = open(os.path.join(full, "metrics.jsonl")).read(), weights(full)
+    assert f"resumed from {full} at step 12" in run_sft(tiny, full, *args, "--resume").stdout
+    assert open(os.path.join(full, "metrics.jsonl")).read() == log and max_diff(w, weights(full)) == 0
+
+
+def test_trim_metrics_drops_the_steps_about_to_be_redone(tmp_path):
+    rows = [json.dumps({"step": k, "loss": 1.0}) + "\n" for k in range(5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 5, "lo')  # the last line cut by a kill
+    common.trim_metrics(str(tmp_path), 3)
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(rows[:3])
 
 
 def test_bf16_checkpoint_resumes_fp32_weights_and_drops_stale_index(tiny, tmp_path):
