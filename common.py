@@ -259,8 +259,9 @@ def token_logprobs(model, input_ids, targets, temperature=1.0, **fw):
 
 def save_checkpoint(out, model, tokenizer, optimizer=None, state=None, dtype=None):
     """Writes `out` as an HF checkpoint (config, safetensors, tokenizer) plus, for resuming,
-    train_state.pt (optimizer, step, data position, RNG, ...). Atomic: everything is written to a
-    temp dir that replace_dir swaps in whole, so a crash mid-save leaves the last good checkpoint; the
+    train_state.pt (optimizer, step, args, ...; no RNG state: the data order and every sample come from
+    generators seeded by --seed with the step or rank, so a resumed run needs none). Atomic: everything is
+    written to a temp dir that replace_dir swaps in whole, so a crash mid-save leaves the last good checkpoint; the
     other files in `out` go along (the run's metrics.jsonl, DPO's pairs.jsonl, PPO's start_eval.json;
     resume() clears an earlier run's eval.json on a fresh start). Collective under FSDP: every rank must
     call it."""
@@ -272,12 +273,11 @@ def save_checkpoint(out, model, tokenizer, optimizer=None, state=None, dtype=Non
             model.save_pretrained(tmp, state_dict=sd, dtype=dtype, atomic=False)
             tokenizer.save_pretrained(tmp)
             if optimizer is not None:
-                rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
                 extra = {}
                 if any(dtype not in (None, v.dtype) for v in sd.values()):
                     # the safetensors are rounded (bf16 presets): keep the fp32 master weights for --resume
                     extra["model"] = sd
-                torch.save({"optimizer": osd, "rng": rng, **extra, **(state or {})},
+                torch.save({"optimizer": osd, **extra, **(state or {})},
                            os.path.join(tmp, "train_state.pt"))
             replace_dir(tmp, out)
         except BaseException:
@@ -301,7 +301,7 @@ def find_checkpoint(out):
 
 
 def load_train_state(ckpt, model, optimizer):
-    """Restores optimizer and RNG from ckpt/train_state.pt, and the fp32 master weights when the
+    """Restores the optimizer from ckpt/train_state.pt, and the fp32 master weights when the
     checkpoint's safetensors were saved rounded (bf16); returns the rest of the saved state."""
     # memory-mapped: at 8B the file holds ~96 GB (fp32 weights and Adam moments) and every rank opens it;
     # mapped, they share the page cache, and only rank 0's tensors (broadcast from there) are ever read
@@ -315,9 +315,6 @@ def load_train_state(ckpt, model, optimizer):
     set_state(model, optimizer, st.get("model"), st["optimizer"])
     for g, f in zip(optimizer.param_groups, flags):  # the saved moments, but this run's --weight-decay, betas, lr
         g.update(f)
-    random.setstate(st["rng"]["python"])
-    np.random.set_state(st["rng"]["numpy"])
-    torch.set_rng_state(st["rng"]["torch"])
     return st
 
 
