@@ -167,6 +167,8 @@ def test_preference_row_formats():
     assert pref_row({"prompt": [u], "chosen": [a], "rejected": [b]}, "f:1") == want    # prompt apart, messages
     # Tülu 3 / UltraFeedback: "prompt" is there, but chosen/rejected already hold it (not prepended twice)
     assert pref_row({"prompt": "Q?", "chosen": [u, a], "rejected": [u, b]}, "f:1") == want
+    s = {"role": "system", "content": "Be brief."}  # ... also when they open with a system turn
+    assert pref_row({"prompt": "Q?", "chosen": [s, u, a], "rejected": [s, u, b]}, "f:1") == ([s, u, a], [s, u, b])
 
 
 def test_pick_pair():
@@ -385,6 +387,10 @@ def test_two_ranks_equal_one(tiny, run_a):
         assert max(abs(x[key] - y[key]) for x, y in zip(a, d)) < 1e-4, key
     base = load_file(os.path.join(tiny[0], "model.safetensors"))
     assert update_gap(load_file(run_a[0] / "model.safetensors"), load_file(out / "model.safetensors"), base) < 1e-3
+    # the cache the 2-rank run wrote holds every pair (each rank filled half of them), as a later run reads it
+    (cache,) = [f for f in os.listdir(out.parent) if f.startswith("d.ref-")]
+    torch.testing.assert_close(torch.load(out.parent / cache)["logps"], logps64(tiny[0], encoded_pairs(tiny)),
+                               rtol=0, atol=2e-4)
 
 
 def test_resume_after_kill_equals_uninterrupted(tiny, run_a):
@@ -460,3 +466,117 @@ def test_a_damaged_reference_cache_is_recomputed(tiny, tmp_path):
     log = run_dpo(tiny, out, "--max-steps", 1)
     assert f"cannot read {cache}" in log and "computing them again" in log
     assert torch.equal(torch.load(cache)["logps"], good)
+
+
+def run_here(monkeypatch, *argv):
+    """dpo.py in this process (no interpreter start-up, the slow part of a tiny run), on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["dpo.py", *map(str, argv)])
+    runpy.run_path(os.path.join(ROOT, "dpo.py"), run_name="__main__")
+
+
+def test_a_run_matches_a_reference_trainer(tiny, tmp_path, monkeypatch):
+    """Four optimizer steps of the script against a trainer written out here in float64: dpo_norm (the
+    presets' loss) at its default beta 5 (--beta not given) with conservative DPO's label smoothing 0.2; 48
+    pairs in batches of 16 (micro-batches of 8), so step 3 opens the second epoch, in its own order; lr 1e-3
+    warmed up over 2 steps then linear to 0; AdamW without decay; the gradient clipped to norm 0.05. The
+    reference is the start model (float64 log-probs computed here), the loss the mean over the step's pairs of
+    -(1 - eps) log sig(z) - eps log sig(-z), z = beta (avg ratio chosen - avg ratio rejected) (Rafailov et al.
+    eq. 7 on Tülu 3's per-token averages; Mitchell's label noise). Each step's logged loss, rewards, accuracy,
+    policy log-probs, lr and gradient norm (before clipping), and the final weights."""
+    out, lr, clip, eps, beta = tmp_path / "o", 1e-3, 0.05, 0.2, 5.0
+    args = [a for i, a in enumerate(ARGS) if a != "--beta" and (i == 0 or ARGS[i - 1] != "--beta")]
+    run_here(monkeypatch, "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", out, *args,
+             "--loss-type", "dpo_norm", "--batch-size", 16, "--micro-batch-size", 8, "--max-steps", 4, "--lr", lr,
+             "--schedule", "linear", "--warmup-ratio", 0.5, "--label-smoothing", eps, "--grad-clip", clip,
+             "--save-every", 0)
+    logged = metrics(out)
+    assert [m["step"] for m in logged] == [0, 1, 2, 3]
+
+    pairs = encoded_pairs(tiny)
+    ref = logps64(tiny[0], pairs)                                                       # (48, 2)
+    n = torch.tensor([[sum(t != IGNORE for t in x[1][1:]) for x in p] for p in pairs], dtype=torch.float64)
+    assert (n[:, 0] != n[:, 1]).sum() > 24  # mostly unequal lengths: averages, not sums, matter
+    model = Llama.from_pretrained(tiny[0], dtype=torch.float64)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    orders = [epoch_order(48, e, 0) for e in (0, 1)]
+    assert set(orders[1][:16]) != set(orders[0][:16])  # the second epoch regroups the pairs
+    for step, m in enumerate(logged):
+        epoch, i = divmod(step, 3)
+        idx = orders[epoch][16 * i:16 * i + 16]
+        step_lr = lr * (step + 1) / 2 if step < 2 else lr * (1 - (step - 2) / 2)
+        for g in opt.param_groups:
+            g["lr"] = step_lr
+        lp = logps64(None, [pairs[k] for k in idx], model)                               # (16, 2)
+        avg = (lp - ref[idx]) / n[idx]  # per-token average log-ratios
+        z = beta * (avg[:, 0] - avg[:, 1])
+        loss = (-(1 - eps) * torch.nn.functional.logsigmoid(z) - eps * torch.nn.functional.logsigmoid(-z)).mean()
+        loss.backward()
+        norm = torch.cat([q.grad.flatten() for q in params]).norm().item()
+        for q in params:  # torch's clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1
+            q.grad *= min(1.0, clip / (norm + 1e-6))
+        opt.step()
+        opt.zero_grad()
+        avg, lp = avg.detach(), lp.detach()
+        assert m["lr"] == pytest.approx(step_lr, rel=1e-12)
+        assert m["loss"] == pytest.approx(loss.item(), rel=1e-5)
+        assert m["grad_norm"] == pytest.approx(norm, rel=1e-5) and norm > clip  # clipping is in play
+        assert m["reward_chosen"] == pytest.approx(beta * avg[:, 0].mean().item(), abs=1e-4)
+        assert m["reward_rejected"] == pytest.approx(beta * avg[:, 1].mean().item(), abs=1e-4)
+        assert m["accuracy"] == (avg[:, 0] > avg[:, 1]).double().mean().item()
+        assert m["logp_chosen"] == pytest.approx(lp[:, 0].mean().item(), abs=1e-3)
+        assert m["logp_rejected"] == pytest.approx(lp[:, 1].mean().item(), abs=1e-3)
+    ours = Llama.from_pretrained(str(out), dtype=torch.float64).state_dict()
+    diff = max((ours[k] - v).abs().max().item() for k, v in model.state_dict().items())
+    assert diff < 2e-6, diff  # (measured 2.4e-7: fp32 against float64)
+
+
+def test_reference_cache_is_keyed_by_the_pairs(tiny, tmp_path, monkeypatch, capsys):
+    """--seed 1 shuffles the same 48 pairs into another order: the cache the seed-0 run left beside the same
+    --out (same checkpoint, max length, pair count) must miss, or every pair gets another pair's reference.
+    Step 0 tells: the policy is its reference, so rewards 0 and loss log 2."""
+    out = tmp_path / "o"
+    for seed in (0, 1):
+        run_here(monkeypatch, "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", out, *ARGS,
+                 "--max-steps", 1, "--seed", seed)
+        log = capsys.readouterr().out
+        assert "reference log-probs: 48 pairs" in log and "reference log-probs: loaded" not in log, seed
+        (m,) = metrics(out)
+        assert m["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert m["reward_chosen"] == m["reward_rejected"] == 0, seed
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("o.ref-")]) == 2
+
+
+def test_default_betas():
+    """Each loss's beta when --beta is not given, from its source: 0.1 for dpo and wpo (TRL's and
+    open-instruct's default), 5 for dpo_norm (Tülu 3's 8B DPO), 2 for simpo (SimPO's base-model range 2-2.5),
+    0.1 for ipo (TRL's tau). (dpo_norm's and simpo's are also checked through the script.)"""
+    from dpo import DEFAULT_BETA
+    assert DEFAULT_BETA == {"dpo": 0.1, "dpo_norm": 5.0, "simpo": 2.0, "ipo": 0.1, "wpo": 0.1}
+
+
+def test_on_policy_pairs(tiny, tmp_path, monkeypatch, capsys):
+    """Without --data: per prompt, samples a wrong answer, a right one cut off at --max-new-tokens (no EOS)
+    and a right one that ended with EOS (generation and the verifier stubbed). pairs.jsonl pairs the prompt
+    with the finished right answer as chosen and the wrong one as rejected, in the prompts' order."""
+    import model as model_mod
+    import verifiers
+    tok = Tokenizer.from_pretrained(tiny[0])
+    eos = tok.eos_token_ids[0]
+    texts = ["wrong answer", "right but cut", "right and done"]
+
+    def generate(model, prompts, max_new_tokens, **kw):
+        assert len(prompts) == 4 * 3 and kw["eos_token_ids"] == tok.eos_token_ids
+        outs = [tok.encode(texts[j % 3]) + ([] if j % 3 == 1 else [eos]) for j in range(len(prompts))]
+        return outs, None
+    monkeypatch.setattr(model_mod, "generate", generate)
+    monkeypatch.setattr(verifiers, "verify", lambda dataset, text, gt: float(text.startswith("right")))
+    run_here(monkeypatch, "--ckpt", tiny[0], "--out", tmp_path / "o", "--n-prompts", 4, "--samples-per-prompt", 3,
+             "--batch-size", 4, "--max-steps", 1, "--eval-n", 0)
+    assert "4 pairs" in capsys.readouterr().out
+    prefs = tasks.make_tasks(seed=0)[1][:4]
+    rows = [json.loads(ln) for ln in open(tmp_path / "o" / "pairs.jsonl")]
+    assert rows == [{"chosen": r["messages"] + [{"role": "assistant", "content": "right and done"}],
+                     "rejected": r["messages"] + [{"role": "assistant", "content": "wrong answer"}],
+                     "dataset": r["dataset"]} for r in prefs]
