@@ -65,7 +65,10 @@ class LlamaConfig:
             raise ValueError(f"{name}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
         if arch == "llama" and (d.get("mlp_bias") or d.get("attention_bias")):  # (qwen2: q/k/v bias, always)
             raise ValueError(f"{name}: attention_bias/mlp_bias on a llama model is not supported")
-        n, nkv = d["num_attention_heads"], d.get("num_key_value_heads") or d["num_attention_heads"]
+        # kv heads: absent or null is as many as the heads, except that transformers' Qwen2Config reads an
+        # absent key as 32 (its signature default) and only a null one as the heads
+        n = d["num_attention_heads"]
+        nkv = d.get("num_key_value_heads", 32 if arch == "qwen2" else None) or n
         if not isinstance(nkv, int) or n % nkv:
             raise ValueError(f"{name}: num_attention_heads {n} is not a multiple of num_key_value_heads {nkv!r}")
         # sliding windows: transformers' layer_types, which a Qwen2 config without them derives from

@@ -449,3 +449,64 @@ def test_loads_in_the_dtype_asked_for(tmp_path):
     model = Llama.from_pretrained(str(tmp_path / "m"), dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch, heads", [("llama", 4), ("qwen2", 64)])
+def test_a_config_of_only_the_required_keys_reads_as_transformers_reads_it(tmp_path, arch, heads):
+    """Every optional key left out (rms_norm_eps, rope_theta, num_key_value_heads, head_dim,
+    tie_word_embeddings, ...): the defaults are transformers' own, not ours (an eps of 1e-5 for its 1e-6, a
+    tied head for its untied one would load and quietly compute another model). Qwen2's is 32 kv heads
+    when the key is absent (as many as the heads only when it is null), hence its 64 heads of 2 here."""
+    path = str(tmp_path / "m")
+    d = dict(model_type=arch, vocab_size=256, hidden_size=2 * heads, num_hidden_layers=2, num_attention_heads=heads,
+             intermediate_size=160)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**d, initializer_range=0.2))
+    for n, p in hf.named_parameters():
+        if n.endswith("bias") or "norm" in n:
+            p.normal_(1.0 if "norm" in n else 0.0, 0.1)
+    hf.save_pretrained(path)
+    json.dump({**d, "architectures": [type(hf).__name__]}, open(os.path.join(path, "config.json"), "w"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    # what the test relies on: transformers' defaults differ from the tempting ones
+    assert (hf.config.rms_norm_eps, hf.config.tie_word_embeddings) == (1e-6, False)
+    assert hf.config.num_key_value_heads == {"llama": heads, "qwen2": 32}[arch]
+    x = tokens(256)
+    assert (Llama.from_pretrained(path)(x) - hf(x).logits).abs().max().item() <= 1e-5
+
+
+def test_swish_is_written_back_as_silu(tmp_path):
+    """The same activation: vLLM's registry knows it only as silu, so the saved config.json says silu."""
+    path, out = str(tmp_path / "m"), str(tmp_path / "out")
+    make_hf("llama3", path)
+    edit_config(path, hidden_act="swish")
+    Llama.from_pretrained(path).save_pretrained(out)
+    assert json.load(open(os.path.join(out, "config.json")))["hidden_act"] == "silu"
+
+
+def test_shards_smaller_than_a_tensor(tmp_path):
+    """max_shard_bytes below every tensor's size: one tensor per shard, no empty shard, all indexed."""
+    path, out = str(tmp_path / "m"), str(tmp_path / "out")
+    make_hf("llama3", path)
+    model = Llama.from_pretrained(path)
+    model.save_pretrained(out, max_shard_bytes=1)
+    files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))["weight_map"]
+    assert len(files) == len(model.state_dict()) == len(index) and sorted(set(index.values())) == files
+    assert all(len(load_file(os.path.join(out, f))) == 1 for f in files)
+    assert all(torch.equal(a, b) for a, b in zip(Llama.from_pretrained(out).state_dict().values(),
+                                                 model.state_dict().values()))
+
+
+def test_a_tensor_in_two_shards_is_refused(tmp_path):
+    """Two shards holding the same tensor: which one wins would depend on file order, so it is an error."""
+    path = str(tmp_path / "m")
+    make_hf("llama3", path)
+    Llama.from_pretrained(path).save_pretrained(path, max_shard_bytes=100_000)
+    first, last = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))[0::2][:2]
+    sd = load_file(os.path.join(path, last))
+    sd["model.embed_tokens.weight"] = load_file(os.path.join(path, first))["model.embed_tokens.weight"]
+    save_file(sd, os.path.join(path, last), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"{last}: tensor 'model.embed_tokens.weight' also in {first}"):
+        Llama.from_pretrained(path)
