@@ -1,13 +1,15 @@
 """
 ppo_rlvr.py: GAE, KL estimators, clipped losses, KL controller and group advantages against their
 formulas; generator vs training log-probs; and the script: it learns a verifiable reward, 2 ranks equal
-1, and a killed run resumes to the uninterrupted one's weights.
+1, a killed run resumes to the uninterrupted one's weights, and three steps of each mode (generation
+stubbed) match a float64 reference trainer written from the module docstring.
 
     python -m pytest tests/test_ppo.py -v
 """
 import json
 import math
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -508,3 +510,269 @@ def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
             assert a[k] == pytest.approx(b[k], abs=1e-6), k
     w_full, w_res = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "full", out))
     assert max_diff(w_full, w_res) < 1e-6
+
+
+# -----------------------------------------------------------------------------
+# the script's loop against a reference trainer written out here in float64
+
+
+def run_here(monkeypatch, *argv):
+    """ppo_rlvr.py in this process (no interpreter start-up, the slow part of a tiny run), on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["ppo_rlvr.py", *map(str, argv)])
+    runpy.run_path(os.path.join(ROOT, "ppo_rlvr.py"), run_name="__main__")
+
+
+def stub_generate(tok, V, calls):
+    """model.generate's stand-in: random responses of random lengths, some ending with the EOS and the rest cut
+    at max_new_tokens, with made-up sampling log-probs (the entropy and the log-prob gap are computed from
+    them). Records what it was asked and the weights it was handed, which must be the policy's of the step."""
+    special = {tok.token_to_id(t) for t in tok.special_tokens.values() if isinstance(t, str)}
+    plain = torch.tensor([i for i in range(V) if i not in special])
+    eos = tok.eos_token_ids[0]
+
+    def generate(model, prompts, max_new_tokens, temperature=1.0, eos_token_ids=(), **kw):
+        g = torch.Generator().manual_seed(300 + len(calls))  # (a seed whose scores take all three values)
+        resp, glp = [], []
+        for _ in prompts:
+            ends = torch.rand((), generator=g).item() < 0.75
+            L = int(torch.randint(1, max_new_tokens + 1, (), generator=g)) if ends else max_new_tokens
+            r = plain[torch.randint(len(plain), (L,), generator=g)].tolist()
+            resp.append(r[:-1] + [eos] if ends else r)
+            glp.append((-3 * torch.rand(L, generator=g, dtype=torch.float64)).tolist())
+        calls.append({"prompts": [list(p) for p in prompts], "resp": resp, "glp": glp, "temperature": temperature,
+                      "eos": list(eos_token_ids), "weights": {k: v.detach().double().clone()
+                                                             for k, v in model.state_dict().items()}})
+        return resp, glp
+    return generate
+
+
+def padded(rows, T):
+    """list of 1-D float64 tensors -> (B, T), 0 after each row's end."""
+    return torch.stack([torch.cat([x, x.new_zeros(T - len(x))]) for x in rows])
+
+
+def logps_and_values(policy, body, head, seqs, temperature):
+    """Per response token (one unpadded sequence at a time): log softmax(logits / temperature) of the token
+    under `policy` and V(prompt + response[:t]) = head . h of the value model's body at the position that
+    predicts token t, each (B, T) float64; differentiable."""
+    T = max(len(r) for _, r in seqs)
+    lps, vs = [], []
+    for p, r in seqs:
+        x, at = torch.tensor([p + r]), slice(len(p) - 1, len(p) - 1 + len(r))
+        if policy is not None:
+            logits = policy(x)[0, at] / temperature
+            lps.append(logits.log_softmax(-1).gather(1, torch.tensor(r)[:, None])[:, 0])
+        if body is not None:
+            vs.append(body(x, return_hidden=True)[0, at] @ head[0])
+    return (padded(lps, T) if lps else None), (padded(vs, T) if vs else None)
+
+
+def gae_tokens(rewards, values, L, gamma, lam):
+    """A_t = sum_l (gamma lam)^l delta_{t+l}, delta_t = r_t + gamma V_{t+1} - V_t, V = 0 past the last token."""
+    V = lambda k: values[k] if k < L else 0.0  # noqa: E731
+    delta = [rewards[k] + gamma * V(k + 1) - V(k) for k in range(L)]
+    return [sum((gamma * lam) ** i * delta[t + i] for i in range(L - t)) for t in range(L)]
+
+
+def adamw(model, lr, wd):
+    """common.build_optimizer's groups: decay on matrices, none on norms."""
+    ps = list(model.parameters())
+    return torch.optim.AdamW([{"params": [q for q in ps if q.dim() >= 2], "weight_decay": wd},
+                              {"params": [q for q in ps if q.dim() < 2], "weight_decay": 0.0}], lr=lr)
+
+
+def clip_grads(params, clip):
+    """torch's clip_grad_norm_: scale by clip / (norm + 1e-6) when that is below 1. -> the norm before."""
+    norm = torch.cat([q.grad.flatten() for q in params]).norm().item()
+    for q in params:
+        q.grad *= min(1.0, clip / (norm + 1e-6))
+    return norm
+
+
+def reference_advantages(mode, scores, kl, values, mask, n, beta, gamma, lam):
+    """Step 4 from the module docstring, one sequence at a time. -> (advantages, returns or None), (B, T).
+      gae   rewards -beta kl_t + the score on the last token; GAE; whitened over the batch (unbiased std);
+            returns from the advantages before whitening
+      rloo  R_i = s_i - beta sum_t kl_t; A_i = R_i - mean of the other samples of its prompt, on every token
+      grpo  A_i = (s_i - mean) / (population std + 1e-4) over its prompt's samples (0 when all are equal)"""
+    lens = mask.sum(1).long().tolist()
+    if mode == "gae":
+        raw = []
+        for b, L in enumerate(lens):
+            r = [-beta * kl[b, t].item() + (scores[b] if t == L - 1 else 0.0) for t in range(L)]
+            raw.append(torch.tensor(gae_tokens(r, values[b].tolist(), L, gamma, lam), dtype=torch.float64))
+        raw = padded(raw, mask.shape[1])
+        flat = raw[mask.bool()]
+        return (raw - flat.mean()) / (flat.var() + 1e-8).sqrt() * mask, (raw + values) * mask
+    adv = []
+    for b in range(len(lens)):
+        g = range(b // n * n, b // n * n + n)
+        if mode == "rloo":
+            R = [scores[j] - beta * kl[j].sum().item() for j in g]
+            i = b % n
+            adv.append(R[i] - (sum(R) - R[i]) / (n - 1))
+        else:
+            s = torch.tensor([scores[j] for j in g], dtype=torch.float64)
+            adv.append(0.0 if (s == s[0]).all() else ((scores[b] - s.mean()) / (s.std(unbiased=False) + 1e-4)).item())
+    return torch.tensor(adv, dtype=torch.float64)[:, None] * mask, None
+
+
+def kl_of(est, d):
+    """k1, k2, k3 of d = logp - ref_logp (Schulman 2020)."""
+    return {"k1": d, "k2": d * d / 2, "k3": (-d).exp() - 1 + d}[est]
+
+
+@pytest.mark.parametrize("mode", ["gae", "grpo", "rloo"])
+def test_a_run_matches_a_reference_trainer(tiny, reward_model, tmp_path, monkeypatch, mode):
+    """Three steps of the script against a trainer written out here in float64 from the module docstring.
+    Generation is stubbed (fixed random responses, some without EOS, scored by the real verifier, the no-EOS
+    penalty replacing the score); 8 rollouts a step (4 prompts x 2 samples for gae, 2 x 4 for the groups),
+    2 epochs x 2 mini-batches of 4 in micro-batches of 3 and 1, so the ratio moves off 1 and the clips bite;
+    temperature 0.7 in the training log-probs; the KL against the frozen start; AdamW with decay (each model
+    its own lr, linear to 0), gradients clipped. gae: the value model from the reward model (V != 0 from the
+    start), k3 in the per-token rewards (>= 0, so the KL can be near the target) with an adaptive beta
+    (short horizon; the target such that step 1's move is not at the 20% bound), GAE(0.99, 0.9), whitened
+    advantages, returns from the raw ones, the clipped value loss at vf_coef 0.5; grpo: k2 as a loss term,
+    the per-sequence loss normalisation; rloo: k1 in the sequence reward. Compares every step's logged
+    metrics, the weights each rollout was sampled with, and the final policy (and value model)."""
+    import model as model_mod
+    from data import epoch_order, load_mixture, rlvr_row
+    from model import read_tensor, seeded
+    from verifiers import verify
+    base, data = tiny
+    tok = Tokenizer.from_pretrained(base)
+    steps, T_max, temp, beta, kl_target, horizon, penalty = 3, 8, 0.7, 0.1, 0.7, 10, -5.0
+    lr, vlr, wd, clip, vclip, vf_coef, gamma, lam, grad_clip = 1e-2, 3e-2, 0.01, 0.15, 0.1, 0.5, 0.99, 0.9, 0.5
+    n = 2 if mode == "gae" else 4
+    P, est, norm = 8 // n, {"gae": "k3", "grpo": "k2", "rloo": "k1"}[mode], "sequence" if mode == "grpo" else "token"
+    calls = []
+    monkeypatch.setattr(model_mod, "generate", stub_generate(tok, 300, calls))
+    out = tmp_path / "o"
+    only = ("--value-ckpt", reward_model[0], "--kl-target", kl_target, "--kl-horizon", horizon, "--gamma", gamma,
+            "--lam", lam, "--value-clip", vclip, "--vf-coef", vf_coef, "--value-lr", vlr) if mode == "gae" else ()
+    run_here(monkeypatch, "--ckpt", base, "--data", data, "--preset", "tiny", "--out", out, "--eval-n", 0,
+             "--advantage", mode, "--steps", steps, "--prompts-per-step", P, "--samples-per-prompt", n,
+             "--max-new-tokens", T_max, "--temperature", temp, "--beta", beta, "--kl-estimator", est,
+             "--no-eos-penalty", penalty, "--clip", clip, "--ppo-epochs", 2, "--mini-batches", 2,
+             "--micro-batch-size", 3, "--loss-norm", norm, "--lr", lr, "--weight-decay", wd, "--schedule", "linear",
+             "--grad-clip", grad_clip, *only)
+    logged = metrics(str(out))
+    assert [m["step"] for m in logged] == list(range(steps)) and len(calls) == steps
+
+    rows, _ = load_mixture([data], rlvr_row, seed=0)
+    prompts = [encode_prompt(tok, r["messages"]) for r in rows]
+    order = epoch_order(len(rows), 0, 0)
+    policy = Llama.from_pretrained(base, dtype=torch.float64)
+    ref = Llama.from_pretrained(base, dtype=torch.float64).requires_grad_(False)
+    body = head = vopt = None
+    if mode == "gae":
+        body = Llama.from_pretrained(reward_model[0], dtype=torch.float64, body_only=True)
+        head = torch.nn.Parameter(read_tensor(reward_model[0], "score.weight", dtype=torch.float64))
+        body.register_parameter("head", head)  # (so that the value model's optimizer and clipping see it)
+        vopt = adamw(body, vlr, wd)
+    popt = adamw(policy, lr, wd)
+    start, vstart = ({k: v.clone() for k, v in m.state_dict().items()} if m else None for m in (policy, body))
+    seen = {"clip": 0, "vclip": 0, "pclip": 0, "vnclip": 0, "scores": set(), "adv0": 0}
+    for step, m in enumerate(logged):
+        call = calls[step]
+        # 1. this step's prompts, each n times, consecutive; sampled by the policy as it is now
+        ks = [k for k in order[step * P:(step + 1) * P] for _ in range(n)]
+        assert call["prompts"] == [prompts[k] for k in ks]
+        assert call["temperature"] == temp and call["eos"] == tok.eos_token_ids
+        if step:  # (relative to how far it moved: Adam makes rounding in a near-zero gradient a step of lr)
+            assert update_gap(call["weights"], policy.state_dict(), start) < 1e-4
+        resp, B = call["resp"], len(ks)
+        seqs = [(prompts[k], r) for k, r in zip(ks, resp)]
+        # 2. scores: 10 x the verdict, the penalty without an EOS
+        verified = [verify(rows[k]["dataset"], tok.decode(r, skip_special_tokens=True), rows[k]["ground_truth"])
+                    for k, r in zip(ks, resp)]
+        has_eos = [r[-1] == tok.eos_token_ids[0] for r in resp]
+        scores = [10.0 * v if e else penalty for v, e in zip(verified, has_eos)]
+        seen["scores"] |= set(scores)
+        # 3. old and reference log-probs, values, before any update of this step
+        lens = [len(r) for r in resp]
+        T = max(lens)
+        mask = padded([torch.ones(L, dtype=torch.float64) for L in lens], T)
+        with torch.no_grad():
+            old, values = logps_and_values(policy, body, head, seqs, temp)
+            ref_lp, _ = logps_and_values(ref, None, None, seqs, temp)
+        values = values if values is not None else torch.zeros_like(old)
+        gen = padded([torch.tensor(x, dtype=torch.float64) for x in call["glp"]], T)
+        # 4. advantages (gae, rloo: the KL in the reward; grpo: in the loss)
+        kl = kl_of(est, old - ref_lp) * mask
+        adv, returns = reference_advantages(mode, scores, kl, values, mask, n, beta, gamma, lam)
+        seen["adv0"] += (adv == 0).all(1).sum().item()
+        # 5. the updates: each epoch reshuffles (the script's seeded permutation), one step per mini-batch
+        step_lr = 1 - step / steps  # linear to 0, no warmup
+        for opt, base_lr in ((popt, lr), (vopt, vlr)):
+            for g in opt.param_groups if opt else ():
+                g["lr"] = base_lr * step_lr
+        sums = torch.zeros(6, dtype=torch.float64)
+        norms = []
+        for epoch in range(2):
+            perm = torch.randperm(B, generator=torch.Generator().manual_seed(seeded("shuffle", 0, step, epoch, 0)))
+            for mb in (perm[:B // 2], perm[B // 2:]):
+                lp, v = logps_and_values(policy, body, head, [seqs[i] for i in mb], temp)
+                w = lp.shape[1]
+                mk, a, o, r_lp, ov = (x[mb][:, :w] for x in (mask, adv, old, ref_lp, values))
+                ratio = (lp - o).exp()
+                pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip, 1 + clip))
+                clipped = (-a * ratio.clamp(1 - clip, 1 + clip) > -a * ratio).double()
+                per_tok, vf, vclipped = pg, torch.zeros_like(pg), torch.zeros_like(pg)
+                if mode == "grpo":
+                    per_tok = per_tok + beta * kl_of(est, lp - r_lp)
+                if mode == "gae":
+                    R = returns[mb][:, :w]
+                    vc = ov + (v - ov).clamp(-vclip, vclip)
+                    vf = 0.5 * torch.maximum((v - R) ** 2, (vc - R) ** 2)
+                    vclipped = ((vc - R) ** 2 > (v - R) ** 2).double()
+                    per_tok = per_tok + vf_coef * vf
+                if norm == "token":  # the mini-batch's token sum over its token count
+                    loss = (per_tok * mk).sum() / mk.sum()
+                else:  # each response's mean, averaged over the mini-batch's responses
+                    loss = ((per_tok * mk).sum(1) / mk.sum(1)).mean()
+                loss.backward()
+                norms.append(clip_grads(list(policy.parameters()), grad_clip))
+                seen["pclip"] += norms[-1] > grad_clip
+                popt.step()
+                popt.zero_grad()
+                if body is not None:
+                    seen["vnclip"] += clip_grads(list(body.parameters()), grad_clip) > grad_clip
+                    vopt.step()
+                    vopt.zero_grad()
+                with torch.no_grad():
+                    sums += torch.stack([(x * mk).sum() for x in (pg, vf, clipped, vclipped, 0.5 * (lp - o) ** 2, mk)])
+        seen["clip"] += sums[2].item()
+        seen["vclip"] += sums[3].item()
+        # 6. metrics; an adaptive beta moves by at most 20% x N / horizon towards the target KL per sequence
+        N, nt, n_tok = B, sums[5].item(), mask.sum().item()
+        kl_seq = kl.sum().item() / N
+        want = {"lr": lr * step_lr, "beta": beta, "reward": sum(scores) / N, "accuracy": sum(verified) / N,
+                "entropy": -(gen * mask).sum().item() / n_tok, "resp_len": n_tok / N, "no_eos": 1 - sum(has_eos) / N,
+                "logp_gap_mean": ((gen - old).abs() * mask).sum().item() / n_tok,
+                "logp_gap_max": ((gen - old).abs() * mask).max().item(), "grad_norm": sum(norms) / len(norms),
+                "kl": kl_seq, "pg_loss": sums[0].item() / nt, "clipfrac": sums[2].item() / nt,
+                "approx_kl": sums[4].item() / nt}
+        if mode == "gae":
+            var = lambda x: x[mask.bool()].var().item()  # noqa: E731
+            want.update(value_loss=sums[1].item() / nt, vf_clipfrac=sums[3].item() / nt,
+                        explained_var=1 - var(returns - values) / var(returns))
+            beta *= 1 + min(max(kl_seq / kl_target - 1, -0.2), 0.2) * N / horizon
+        else:
+            assert not {"value_loss", "vf_clipfrac", "explained_var"} & m.keys()
+        for k, x in want.items():
+            assert m[k] == pytest.approx(want[k], rel=1e-4, abs=1e-5), (step, k)
+    # the checks above had something to check: every path was taken
+    assert logged[0]["kl"] == 0 and all(abs(m["kl"]) > 1e-3 for m in logged[1:])
+    assert {penalty, 0.0, 10.0} <= seen["scores"], seen
+    assert seen["clip"] > 0 and seen["pclip"] > 0 and seen["adv0"] < steps * 8, seen
+    ours = Llama.from_pretrained(str(out), dtype=torch.float64).state_dict()
+    assert update_gap(ours, policy.state_dict(), start) < 1e-4  # (measured 2e-6: fp32 against float64)
+    if mode != "gae":
+        return
+    assert abs(logged[1]["kl"] / kl_target - 1) < 0.2 and seen["vclip"] > 0 and seen["vnclip"] > 0, seen
+    vm = torch.load(out / "train_state.pt", weights_only=False)["value"]["model"]
+    assert vm.keys() == {f"body.{k}" for k in vstart if k != "head"} | {"head.weight"}
+    vm = {k.replace("body.", "", 1).replace("head.weight", "head"): v for k, v in vm.items()}
+    assert update_gap(vm, body.state_dict(), vstart) < 1e-4
