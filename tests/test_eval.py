@@ -20,7 +20,8 @@ import common
 import tasks
 import verifiers
 from data import DataError
-from eval import gsm8k, ifeval, math
+from eval import common as eval_common
+from eval import builtin, gsm8k, ifeval, math
 from eval.common import DATA, complete, cut, load_rows, positive, render
 from model import Llama, generate
 from tokenizer import Tokenizer
@@ -206,6 +207,7 @@ def test_gsm8k_prompt(ckpt):
         ["6.", "5.", "39.", "8.", "9.", "29.", "33.", "8."]
     assert [q.split()[0] for q, _ in gsm8k.FEWSHOT] == \
         ["There", "If", "Leah", "Jason", "Shawn", "There", "Michael", "Olivia"]
+    assert gsm8k.STOPS == ["Question:", "</s>", "<|im_end|>"]  # OLMES' chat stop sequences
 
 
 def test_math_prompt(ckpt):
@@ -223,6 +225,7 @@ def test_math_prompt(ckpt):
     assert text.endswith("Final Answer: The final answer is $-\\frac{2}{3}$. I hope it is correct.<|endoftext|>\n"
                          f"<|user|>\nProblem:\n{problem}\n\nSolution:\n<|assistant|>\n")
     assert text.count("<|user|>\nProblem:\n") == 5 and text.count("<|assistant|>\n ") == 4
+    assert math.STOPS == ["Problem:"]  # else an invented next problem's box would be the one taken
 
 
 def test_ifeval_prompt(ckpt):
@@ -263,6 +266,11 @@ def test_math_score():
     for k in ("flex", "minerva"):
         assert m[f"{k}_macro"] == pytest.approx(1 / 7) and m[f"{k}_micro"] == pytest.approx(n_a / 35)
         assert m[f"{k}_per_subject"] == {s: float(s == a) for s in subjects}
+    # an interval: flex (Hendrycks or sympy) matches it, OLMES exact_match (sympy only) cannot parse it;
+    # the gold comes from the solution's box (a row needs no "answer" field)
+    rows = [{"problem": "p", "solution": "So the domain is $\\boxed{[2,5)}$.", "type": "algebra"}]
+    recs, m = math.score(rows, ["Final Answer: The final answer is $[2,5)$. I hope it is correct."])
+    assert recs[0]["gold"] == "[2,5)" and (recs[0]["flex"], recs[0]["minerva"]) == (1.0, 0.0)
 
 
 def test_ifeval_score():
@@ -279,6 +287,11 @@ def test_ifeval_score():
     assert m["prompt_level_strict_acc"] == pytest.approx(1 / 3) and m["inst_level_strict_acc"] == pytest.approx(3 / 6)
     assert m["prompt_level_loose_acc"] == pytest.approx(2 / 3) and m["inst_level_loose_acc"] == pytest.approx(4 / 6)
     assert m["per_instruction_strict"] == {end: 1.0, "detectable_format:title": 0.0, nc: 0.5, q: 0.5}
+    # prompts with 1 and 3 instructions: the instruction level is micro (3 of 4), not a mean over prompts
+    rows = [{"key": 1, "prompt": "a", "instruction_id_list": [nc], "kwargs": [{}]},
+            {"key": 2, "prompt": "b", "instruction_id_list": [q, nc, "detectable_format:title"], "kwargs": [{}, {}, {}]}]
+    _, m = ifeval.score(rows, ["a, b", '"<<T>> no commas"'])
+    assert m["inst_level_strict_acc"] == pytest.approx(3 / 4) and m["prompt_level_strict_acc"] == pytest.approx(1 / 2)
     # the real prompts, answered with nothing: strict and loose both fail everything
     rows = load_rows(os.path.join(DATA, "ifeval", "input_data.jsonl"), [])
     _, m = ifeval.score(rows, [""] * len(rows))
@@ -290,10 +303,62 @@ def test_ifeval_score():
 # plumbing: stop strings, batched generation back in order, bad input
 
 
+def test_builtin_accuracy_is_over_rows(monkeypatch, tmp_path):
+    # common.evaluate a chunk at a time, chunks mixing the tasks unevenly: the per-task and overall
+    # accuracies are correct answers over rows, not means of the chunks' accuracies
+    tasks_ = ["tiny_arith", "tiny_arith", "tiny_if", "tiny_arith", "tiny_if"]
+    right = [1.0, 0.0, 1.0, 1.0, 0.0]
+    rows = [{"dataset": t, "messages": [{"role": "user", "content": str(i)}], "ground_truth": "1"}
+            for i, t in enumerate(tasks_)]
+
+    def evaluate(model, tok, chunk, max_new_tokens, batch_size, predictions):
+        per = {}
+        for i, r in enumerate(chunk):
+            s = right[int(r["messages"][0]["content"])]
+            predictions.append((i, "text", s))
+            per.setdefault(r["dataset"], []).append(s)
+        return {"per_task": {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in per.items()}}
+
+    saved = {}
+    tok = SimpleNamespace(apply_chat_template=lambda messages, add_generation_prompt: "prompt")
+    monkeypatch.setattr(builtin, "make_tasks", lambda seed: [None, None, None, rows])
+    monkeypatch.setattr(builtin, "setup", lambda args, name: (None, tok, str(tmp_path)))
+    monkeypatch.setattr(builtin, "evaluate", evaluate)
+    monkeypatch.setattr(builtin, "save", lambda out, name, args, records, metrics, *a: saved.update(m=metrics, r=records))
+    monkeypatch.setattr(builtin, "cleanup", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["builtin", "--ckpt", str(tmp_path), "--batch-size", "3"])
+    builtin.main()
+    m = saved["m"]
+    assert m["accuracy"] == pytest.approx(3 / 5) and m["n_per_task"] == {"tiny_arith": 3, "tiny_if": 2}
+    assert m["tiny_arith"] == pytest.approx(2 / 3) and m["tiny_if"] == pytest.approx(1 / 2)
+    assert [r["score"] for r in saved["r"]] == right and [r["dataset"] for r in saved["r"]] == tasks_
+
+
 def test_cut():
     assert cut("So 5.\n\nQuestion: next", ["Question:"]) == ("So 5.\n\n", True)
     assert cut("a Problem: b Question: c", ["Question:", "Problem:"]) == ("a ", True)  # the earliest stop wins
     assert cut("no stop here", ["Question:"]) == ("no stop here", False)
+
+
+def test_complete_finish_reasons(monkeypatch):
+    # a stop string wins over the EOS that ended the generation (a stopped generation would not have
+    # reached it); EOS without a stop string is "eos"; neither is "length"
+    texts = {5: "So 5.\n\nQuestion: next", 6: "So 6.", 7: "So 7 and"}
+
+    class Tok:
+        eos_token_ids = [0]
+
+        def encode(self, s):
+            return [int(s)]
+
+        def decode(self, out, skip_special_tokens):
+            return texts[out[0]]
+
+    monkeypatch.setattr(eval_common, "generate", lambda model, ids, n, **kw: ([[i[0], 0] if i[0] != 7 else [7]
+                                                                              for i in ids], None))
+    got = complete(None, Tok(), ["5", "6", "7"], SimpleNamespace(batch_size=2, max_new_tokens=4), ["Question:"])
+    assert [(g["response"], g["finish_reason"]) for g in got] == [("So 5.\n\n", "stop"), ("So 6.", "eos"),
+                                                                   ("So 7 and", "length")]
 
 
 def test_complete_matches_one_by_one(ckpt, one_thread):

@@ -53,6 +53,7 @@ def test_gsm8k_every_gold_answer_scores_one():
     ("no number here", "5", 0.0),
     ("", "5", 0.0),
     ("1,2,3", "3", 1.0),                              # "(\d),(\d)" joins "1,2" only: 12,3 -> 3
+    ("So the answer is 18.", "$18.00", 1.0),          # a gold's leading '$' goes, as a response's
     ("x = 0.5", "0.50", 1.0),
     ("answer: .5", "0.5", 1.0),
     ("The answer is 5.5.5", "5", 0.0),                # numbers "5.5", ".5": the last is 0.5
@@ -132,9 +133,31 @@ def final(x):
     ("I think it is 7", "7", 0.0),      # whole-text candidate: "Ithinkitis7" != 7
     ("7", "7", 1.0),
     ("", "7", 0.0),
+    # the last $...$ only when there is no Minerva line and no box; the whole text only when nothing else
+    ("The values are $5$ and $6$", "6", 1.0),
+    ("The values are $5$ and $6$", "5", 0.0),
+    ("Final Answer: The final answer is $3$. I hope it is correct. Check: $4$", "4", 0.0),
+    ("x = \\boxed{3} = 4", "4", 0.0),
 ])
 def test_math_cases(response, gold, want):
     assert V.math(response, gold) == want
+
+
+# (response, OLMES extract_answers: the Minerva line and the last box, both normalised; else the last
+# $...$; else the whole text)
+CANDIDATES = [
+    ("The values are $5$ and $6$", ["6"]),                       # raw[d[-2]+1:d[-1]]: the last span
+    ("Final Answer: The final answer is $3$. I hope it is correct. Check: $4$", ["3"]),
+    ("x = \\boxed{3} = 4", ["3"]),
+    ("$\\boxed{x = 5}$", ["5"]),                                 # OLMES normalises the box (open-instruct not)
+    (final("7") + " So \\boxed{8}.", ["7", "8"]),                # the Minerva answer first (model_answer)
+    ("I think it is 7", ["Ithinkitis7"]),
+]
+
+
+@pytest.mark.parametrize("response, want", CANDIDATES)
+def test_math_candidates(response, want):
+    assert V.math_candidates(response) == want
 
 
 def test_math_extraction_quirks_kept_for_parity():
@@ -149,6 +172,26 @@ def test_math_extraction_quirks_kept_for_parity():
     assert V.normalize_final_answer("\\boxed{\\frac12}") == "\\frac{1}{2}"
     assert V.normalize_final_answer("\\sqrt2") == "\\sqrt{2}"
     assert V.normalize_final_answer("10\\%") == "10\\%"
+    assert V.normalize_final_answer("90\\text{ square units}") == "90"   # units on the removal list
+    assert V.normalize_final_answer("x \\text{and} y") == "x,y"
+    assert V.normalize_final_answer("0.\\overline{3}") == "0.3"
+
+
+# (a, b, Hendrycks is_equiv: the original MATH code's strip_string, one step per row)
+HENDRYCKS = [
+    ("\\left(1,2\\right)", "(1,2)", True), ("\\dfrac{3}{4}", "\\frac34", True),
+    ("\\tfrac{3}{4}", "\\frac{3}{4}", True), ("\\\\frac{1}{2}", "\\frac{1}{2}", True),
+    ("90^{\\circ}", "90", True), ("90^\\circ", "90", True), ("\\$5", "5", True), ("5 \\text{ cm}", "5", True),
+    (".5", "0.5", True), ("\\frac{.5}{2}", "\\frac{0.5}{2}", True), ("1 + .5", "1+0.5", True),
+    ("k = 4", "4", True), ("abc = 4", "4", False), ("\\sqrt3", "\\sqrt{3}", True),
+    ("\\frac1{72}", "\\frac{1}{72}", True), ("2/4", "\\frac{1}{2}", False), ("10\\%", "10", True),
+    ("3.50", "3.5", False),
+]
+
+
+@pytest.mark.parametrize("a, b, want", HENDRYCKS)
+def test_hendrycks_strip_string_steps(a, b, want):
+    assert V.hendrycks_equiv(a, b) == want
 
 
 def test_hendrycks_fixes():
@@ -271,6 +314,14 @@ def test_sympy_check_works_in_daemonic_worker_processes():
         assert pool.map(_math_in_worker, [("$\\boxed{2\\sqrt{2}}$", "\\sqrt{8}")]) == [1.0]
 
 
+def test_sympy_default_timeout_is_the_references(monkeypatch):
+    # each symbolic comparison gets the reference's 5 s (SIGALRM there, a wall-clock deadline here)
+    seen = []
+    monkeypatch.setattr(V, "_sympy_worker_call", lambda pair, timeout: seen.append(timeout) or True)
+    assert V.math("$\\boxed{x^2+2x+1}$", "(x+1)^2") == 1.0
+    assert V.SYMPY_TIMEOUT == 5.0 and seen == [5.0]
+
+
 def test_sympy_timeout_scores_zero_and_is_counted(monkeypatch):
     V.math("$\\boxed{2\\sqrt{2}}$", "\\sqrt{8}")  # a warm worker, so that start-up is not timed
     monkeypatch.setattr(V, "SYMPY_TIMEOUT", 1.0)
@@ -380,6 +431,8 @@ CASES = [  # (id, kwargs, follows, does not follow in any loose variant)
     ("keywords:forbidden_words", {"forbidden_words": ["bad", "evil"]}, "This is badly done.", "That is Bad."),
     ("keywords:letter_frequency", {"letter": "z", "let_frequency": 3, "let_relation": "at least"},
      "Zz z", "zz"),
+    ("keywords:letter_frequency", {"letter": "Q", "let_frequency": 2, "let_relation": "at least"},
+     "Quick quiz", "Quiet"),  # the letter is lowercased too
     ("keywords:letter_frequency", {"letter": "#", "let_frequency": 2, "let_relation": "less than"},
      "# one", "## two"),  # data keys 1122/1129: the reference drew a random letter instead
     ("language:response_language", {"language": "de"},
@@ -430,6 +483,8 @@ LOOSE_ONLY = [  # (id, kwargs, response failing strict but passing once a first/
     ("keywords:forbidden_words", {"forbidden_words": ["bad"]}, "A bad intro\nthe body\nthe end"),
     ("combination:repeat_prompt", {"prompt_to_repeat": "Write a poem."}, "Sure:\nWrite a poem. Roses."),
     ("detectable_format:title", {}, "*<*<Title>*>*"),
+    ("startend:quotation", {}, 'Sure:\n"quoted text"\nHope this helps!'),   # first and last line dropped
+    ("startend:quotation", {}, 'Sure:\n*"quoted text"*'),                     # first line dropped, then '*'
 ]
 
 
@@ -472,6 +527,24 @@ def test_ifeval_reference_edge_cases():
     assert not f("detectable_format:title", "<<>>")
     # highlight: a **bold** span counts once
     assert not f("detectable_format:number_highlighted_sections", "**bold**", num_highlights=2)
+    # "at least" counts: more than asked is fine; bullets are exact
+    assert f("detectable_content:number_placeholders", "[a], [b] and [c]", num_placeholders=2)
+    assert f("detectable_format:number_highlighted_sections", "*a* *b* *c*", num_highlights=2)
+    assert f("detectable_format:multiple_sections", "Section 1 a Section 2 b Section 3 c", section_spliter="Section",
+             num_sections=2)
+    assert not f("detectable_format:number_bullet_lists", "* a\n* b\n* c", num_bullets=2)
+    # P.S. may be spaced out: r"\s*p\.\s?s\..*$"
+    assert f("detectable_content:postscript", "Hi.\nP. S. see you", postscript_marker="P.S.")
+    # nth paragraph: the paragraph count must match too; the first word ends at a quote
+    assert not f("length_constraints:nth_paragraph_first_word", "First.\n\nThen second.\n\nThird.",
+                 num_paragraphs=2, nth_paragraph=2, first_word="then")
+    assert f("length_constraints:nth_paragraph_first_word", "First.\n\nThen's the second.",
+             num_paragraphs=2, nth_paragraph=2, first_word="then")
+    # two responses: an empty part between two separators fails
+    assert not f("combination:two_responses", "A\n******\n\n******\nB")
+    # the case checks also need langdetect to say English
+    assert not f("change_case:english_capital", "DAS IST EIN SCHÖNER TAG UND WIR GEHEN HEUTE ZUSAMMEN IN DEN PARK.")
+    assert not f("change_case:english_lowercase", "das ist ein schöner tag und wir gehen heute zusammen in den park.")
 
 
 def test_ifeval_kwargs_validation():
@@ -490,6 +563,9 @@ def test_ifeval_kwargs_validation():
     for iid, kw in bad:
         with pytest.raises(ValueError):
             V.ifeval("a", [iid], [kw])
+    # 0 is a number like any other (lm-eval's `if v` filter drops it; the reference keeps it)
+    assert V.ifeval("abc", ["keywords:letter_frequency"], [{"letter": "z", "let_frequency": 0,
+                                                            "let_relation": "at least"}]) == [True]
     with pytest.raises(ValueError):
         V.ifeval("a", ["punctuation:no_comma", "startend:quotation"], [{}])
 
@@ -537,6 +613,11 @@ def test_tulu3_semantics_kept():
     assert tulu3("the end.", "validate_end", end_phrase="The End.") == 0.0
     assert tulu3("one\n* * *\ntwo", "verify_paragraph_count", N=2) == 1.0
     assert tulu3("Section A Section B", "validate_sections", N=2, section_splitter="Section") == 1.0
+    assert tulu3("one two three four", "validate_word_constraint", N=5, quantifier="around") == 1.0  # +-max(0, 1)
+    assert tulu3("one two three", "validate_word_constraint", N=5, quantifier="around") == 0.0
+    assert tulu3("Hi.\nP.S.", "verify_postscript", postscript_marker="P.S.") == 0.0  # text must follow
+    assert tulu3("Hi.\nP.S. bye", "verify_postscript", postscript_marker="P.S.") == 1.0
+    assert tulu3("write a poem. Roses.", "validate_repeat_prompt", original_prompt="Write a poem.") == 0.0
     with pytest.raises(ValueError):
         tulu3("x", "no_such_function")
     with pytest.raises(ValueError):
