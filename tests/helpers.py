@@ -8,3 +8,35 @@ def update_gap(a, b, base):
     def norm(diff):
         return sum((diff(k) ** 2).sum() for k in a) ** 0.5
     return (norm(lambda k: a[k].double() - b[k].double()) / norm(lambda k: a[k].double() - base[k].double())).item()
+
+
+def run_here(monkeypatch, script, *argv):
+    """A training script in this process (no interpreter start-up, the slow part of a tiny run), on the CPU."""
+    import os
+    import runpy
+    import sys
+
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
+    runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), script),
+                   run_name="__main__")
+
+
+def adamw(params, lr, wd):
+    """common.build_optimizer's groups for a reference trainer: decay on matrices, none on norms and biases."""
+    import torch
+    params = list(params)
+    return torch.optim.AdamW([{"params": [q for q in params if q.dim() >= 2], "weight_decay": wd},
+                              {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}], lr=lr)
+
+
+def clip_grads(params, clip):
+    """torch's clip_grad_norm_ for a reference trainer: scale by clip / (norm + 1e-6) when that is below 1.
+    -> the norm before clipping."""
+    import torch
+    params = list(params)
+    norm = torch.cat([q.grad.flatten() for q in params]).norm().item()
+    for q in params:
+        q.grad *= min(1.0, clip / (norm + 1e-6))
+    return norm

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import random
-import runpy
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import tasks
 from common import IGNORE
 from data import epoch_order, pad_batch
 from dpo import LOSS_TYPES, encode_response, pick_pair, preference_loss
-from helpers import update_gap
+from helpers import clip_grads, run_here, update_gap
 from model import Llama
 from tokenizer import Tokenizer
 
@@ -428,14 +427,11 @@ def test_bad_preference_data_is_one_clear_error(tiny, tmp_path, monkeypatch, cap
                                       "rejected": [{"role": "assistant", "content": "a"}, other["chosen"][0],
                                                    other["rejected"][1]]}) + "\n",
                           ":1: messages[0] is an assistant turn")}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no process group in the test process
     for name, (text, msg) in cases.items():
         path = tmp_path / f"{name}.jsonl"
         path.write_text(text)
-        argv = ["dpo.py", "--ckpt", tiny[0], "--data", str(path), "--preset", "tiny", "--out", str(tmp_path / "o")]
-        monkeypatch.setattr(sys, "argv", argv)
         with pytest.raises(SystemExit) as e:
-            runpy.run_path(os.path.join(ROOT, "dpo.py"), run_name="__main__")
+            run_here(monkeypatch, "dpo.py", "--ckpt", tiny[0], "--data", path, "--preset", "tiny", "--out", tmp_path / "o")
         err = str(e.value)
         assert err.startswith(f"error: {path}{msg}") and "\n" not in err, err
 
@@ -443,17 +439,15 @@ def test_bad_preference_data_is_one_clear_error(tiny, tmp_path, monkeypatch, cap
 def test_flags_refused_before_any_work(tiny, tmp_path, monkeypatch, capsys):
     # a beta that IPO divides by, label smoothing IPO does not define: refused at the command line, not after
     # the reference pass (hours at 8B)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for extra, msg in [(["--loss-type", "ipo", "--beta", "0"], "argument --beta: expected a number > 0, got '0'"),
                        (["--label-smoothing", "0.7"], "argument --label-smoothing: expected a number >= 0 and <= 0.5"),
                        (["--loss-type", "ipo", "--label-smoothing", "0.1"],
                         "error: --label-smoothing is defined for the sigmoid losses, not ipo"),
                        (["--gamma-beta-ratio", "0.5"],  # (dpo_norm, the default loss)
                         "error: --gamma-beta-ratio is simpo's target margin; it has no effect on dpo_norm")]:
-        monkeypatch.setattr(sys, "argv", ["dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out",
-                                          str(tmp_path / "o"), *extra])
         with pytest.raises(SystemExit) as e:
-            runpy.run_path(os.path.join(ROOT, "dpo.py"), run_name="__main__")
+            run_here(monkeypatch, "dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out",
+                     tmp_path / "o", *extra)
         assert msg in (str(e.value) if e.value.code != 2 else capsys.readouterr().err), extra
 
 
@@ -468,13 +462,6 @@ def test_a_damaged_reference_cache_is_recomputed(tiny, tmp_path):
     assert torch.equal(torch.load(cache)["logps"], good)
 
 
-def run_here(monkeypatch, *argv):
-    """dpo.py in this process (no interpreter start-up, the slow part of a tiny run), on the CPU."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(sys, "argv", ["dpo.py", *map(str, argv)])
-    runpy.run_path(os.path.join(ROOT, "dpo.py"), run_name="__main__")
-
-
 def test_a_run_matches_a_reference_trainer(tiny, tmp_path, monkeypatch):
     """Four optimizer steps of the script against a trainer written out here in float64: dpo_norm (the
     presets' loss) at its default beta 5 (--beta not given) with conservative DPO's label smoothing 0.2; 48
@@ -486,7 +473,7 @@ def test_a_run_matches_a_reference_trainer(tiny, tmp_path, monkeypatch):
     policy log-probs, lr and gradient norm (before clipping), and the final weights."""
     out, lr, clip, eps, beta = tmp_path / "o", 1e-3, 0.05, 0.2, 5.0
     args = [a for i, a in enumerate(ARGS) if a != "--beta" and (i == 0 or ARGS[i - 1] != "--beta")]
-    run_here(monkeypatch, "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", out, *args,
+    run_here(monkeypatch, "dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", out, *args,
              "--loss-type", "dpo_norm", "--batch-size", 16, "--micro-batch-size", 8, "--max-steps", 4, "--lr", lr,
              "--schedule", "linear", "--warmup-ratio", 0.5, "--label-smoothing", eps, "--grad-clip", clip,
              "--save-every", 0)
@@ -513,9 +500,7 @@ def test_a_run_matches_a_reference_trainer(tiny, tmp_path, monkeypatch):
         z = beta * (avg[:, 0] - avg[:, 1])
         loss = (-(1 - eps) * torch.nn.functional.logsigmoid(z) - eps * torch.nn.functional.logsigmoid(-z)).mean()
         loss.backward()
-        norm = torch.cat([q.grad.flatten() for q in params]).norm().item()
-        for q in params:  # torch's clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1
-            q.grad *= min(1.0, clip / (norm + 1e-6))
+        norm = clip_grads(params, clip)
         opt.step()
         opt.zero_grad()
         avg, lp = avg.detach(), lp.detach()
@@ -538,7 +523,7 @@ def test_reference_cache_is_keyed_by_the_pairs(tiny, tmp_path, monkeypatch, caps
     Step 0 tells: the policy is its reference, so rewards 0 and loss log 2."""
     out = tmp_path / "o"
     for seed in (0, 1):
-        run_here(monkeypatch, "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", out, *ARGS,
+        run_here(monkeypatch, "dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", out, *ARGS,
                  "--max-steps", 1, "--seed", seed)
         log = capsys.readouterr().out
         assert "reference log-probs: 48 pairs" in log and "reference log-probs: loaded" not in log, seed
@@ -572,7 +557,7 @@ def test_on_policy_pairs(tiny, tmp_path, monkeypatch, capsys):
         return outs, None
     monkeypatch.setattr(model_mod, "generate", generate)
     monkeypatch.setattr(verifiers, "verify", lambda dataset, text, gt: float(text.startswith("right")))
-    run_here(monkeypatch, "--ckpt", tiny[0], "--out", tmp_path / "o", "--n-prompts", 4, "--samples-per-prompt", 3,
+    run_here(monkeypatch, "dpo.py", "--ckpt", tiny[0], "--out", tmp_path / "o", "--n-prompts", 4, "--samples-per-prompt", 3,
              "--batch-size", 4, "--max-steps", 1, "--eval-n", 0)
     assert "4 pairs" in capsys.readouterr().out
     prefs = tasks.make_tasks(seed=0)[1][:4]

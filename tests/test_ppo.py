@@ -9,7 +9,6 @@ stubbed) match a float64 reference trainer written from the module docstring.
 import json
 import math
 import os
-import runpy
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from safetensors.torch import load_file
 
 import tasks
 from data import encode_prompt
-from helpers import update_gap
+from helpers import adamw, clip_grads, run_here, update_gap
 from model import Llama, generate
 from ppo_rlvr import (ValueModel, adaptive_kl, advantages, gae, group_advantages, kl_estimate, masked_whiten,
                       policy_loss, ppo_loss, response_logprobs, rollout_batch, sequence_scores, token_rewards,
@@ -516,13 +515,6 @@ def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
 # the script's loop against a reference trainer written out here in float64
 
 
-def run_here(monkeypatch, *argv):
-    """ppo_rlvr.py in this process (no interpreter start-up, the slow part of a tiny run), on the CPU."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(sys, "argv", ["ppo_rlvr.py", *map(str, argv)])
-    runpy.run_path(os.path.join(ROOT, "ppo_rlvr.py"), run_name="__main__")
-
-
 def stub_generate(tok, V, calls):
     """model.generate's stand-in: random responses of random lengths, some ending with the EOS and the rest cut
     at max_new_tokens, with made-up sampling log-probs (the entropy and the log-prob gap are computed from
@@ -573,21 +565,6 @@ def gae_tokens(rewards, values, L, gamma, lam):
     V = lambda k: values[k] if k < L else 0.0  # noqa: E731
     delta = [rewards[k] + gamma * V(k + 1) - V(k) for k in range(L)]
     return [sum((gamma * lam) ** i * delta[t + i] for i in range(L - t)) for t in range(L)]
-
-
-def adamw(model, lr, wd):
-    """common.build_optimizer's groups: decay on matrices, none on norms."""
-    ps = list(model.parameters())
-    return torch.optim.AdamW([{"params": [q for q in ps if q.dim() >= 2], "weight_decay": wd},
-                              {"params": [q for q in ps if q.dim() < 2], "weight_decay": 0.0}], lr=lr)
-
-
-def clip_grads(params, clip):
-    """torch's clip_grad_norm_: scale by clip / (norm + 1e-6) when that is below 1. -> the norm before."""
-    norm = torch.cat([q.grad.flatten() for q in params]).norm().item()
-    for q in params:
-        q.grad *= min(1.0, clip / (norm + 1e-6))
-    return norm
 
 
 def reference_advantages(mode, scores, kl, values, mask, n, beta, gamma, lam):
@@ -651,7 +628,7 @@ def test_a_run_matches_a_reference_trainer(tiny, reward_model, tmp_path, monkeyp
     out = tmp_path / "o"
     only = ("--value-ckpt", reward_model[0], "--kl-target", kl_target, "--kl-horizon", horizon, "--gamma", gamma,
             "--lam", lam, "--value-clip", vclip, "--vf-coef", vf_coef, "--value-lr", vlr) if mode == "gae" else ()
-    run_here(monkeypatch, "--ckpt", base, "--data", data, "--preset", "tiny", "--out", out, "--eval-n", 0,
+    run_here(monkeypatch, "ppo_rlvr.py", "--ckpt", base, "--data", data, "--preset", "tiny", "--out", out, "--eval-n", 0,
              "--advantage", mode, "--steps", steps, "--prompts-per-step", P, "--samples-per-prompt", n,
              "--max-new-tokens", T_max, "--temperature", temp, "--beta", beta, "--kl-estimator", est,
              "--no-eos-penalty", penalty, "--clip", clip, "--ppo-epochs", 2, "--mini-batches", 2,
@@ -670,8 +647,8 @@ def test_a_run_matches_a_reference_trainer(tiny, reward_model, tmp_path, monkeyp
         body = Llama.from_pretrained(reward_model[0], dtype=torch.float64, body_only=True)
         head = torch.nn.Parameter(read_tensor(reward_model[0], "score.weight", dtype=torch.float64))
         body.register_parameter("head", head)  # (so that the value model's optimizer and clipping see it)
-        vopt = adamw(body, vlr, wd)
-    popt = adamw(policy, lr, wd)
+        vopt = adamw(body.parameters(), vlr, wd)
+    popt = adamw(policy.parameters(), lr, wd)
     start, vstart = ({k: v.clone() for k, v in m.state_dict().items()} if m else None for m in (policy, body))
     seen = {"clip": 0, "vclip": 0, "pclip": 0, "vnclip": 0, "scores": set(), "adv0": 0}
     for step, m in enumerate(logged):
@@ -733,12 +710,12 @@ def test_a_run_matches_a_reference_trainer(tiny, reward_model, tmp_path, monkeyp
                 else:  # each response's mean, averaged over the mini-batch's responses
                     loss = ((per_tok * mk).sum(1) / mk.sum(1)).mean()
                 loss.backward()
-                norms.append(clip_grads(list(policy.parameters()), grad_clip))
+                norms.append(clip_grads(policy.parameters(), grad_clip))
                 seen["pclip"] += norms[-1] > grad_clip
                 popt.step()
                 popt.zero_grad()
                 if body is not None:
-                    seen["vnclip"] += clip_grads(list(body.parameters()), grad_clip) > grad_clip
+                    seen["vnclip"] += clip_grads(body.parameters(), grad_clip) > grad_clip
                     vopt.step()
                     vopt.zero_grad()
                 with torch.no_grad():

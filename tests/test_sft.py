@@ -7,7 +7,6 @@ import gzip
 import json
 import math
 import os
-import runpy
 import shutil
 import signal
 import subprocess
@@ -22,6 +21,7 @@ import common
 import data
 import tasks
 from common import IGNORE
+from helpers import adamw, clip_grads, run_here
 from model import Llama, LlamaConfig
 from tokenizer import Tokenizer
 
@@ -226,8 +226,7 @@ def test_a_run_matches_a_reference_trainer(tiny, tmp_path):
     with torch.no_grad():  # rows of unequal length: a mean of the two rows' means would differ
         assert hf_nll(hf, tok, val_rows[:1])[1] != hf_nll(hf, tok, val_rows[1:])[1]
     params = list(hf.parameters())
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 1.0},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr)
+    opt = adamw(params, lr, 1.0)
     orders = [data.epoch_order(6, e, 0) for e in (0, 1)]
     assert {frozenset(o[:3]) for o in orders} != {frozenset(orders[0][:3])}  # the second epoch regroups the rows
     for step, m in enumerate(logged):
@@ -238,9 +237,7 @@ def test_a_run_matches_a_reference_trainer(tiny, tmp_path):
             g["lr"] = step_lr
         nll, n = hf_nll(hf, tok, rows)
         (nll / n).backward()
-        norm = grad_norm(hf)
-        for p in params:  # torch's clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1
-            p.grad *= min(1.0, clip / (norm + 1e-6))
+        norm = clip_grads(params, clip)
         opt.step()
         opt.zero_grad()
         with torch.no_grad():
@@ -619,10 +616,8 @@ def test_a_save_keeps_what_else_the_directory_holds(tiny, tmp_path):
 def run_sft_here(monkeypatch, *argv):
     """sft.py in this process up to its first SystemExit (the flags and inputs it refuses before any work) ->
     the exception's message, or what argparse printed."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no process group in the test process
-    monkeypatch.setattr(sys, "argv", ["sft.py", *map(str, argv)])
     with pytest.raises(SystemExit) as e:
-        runpy.run_path(os.path.join(ROOT, "sft.py"), run_name="__main__")
+        run_here(monkeypatch, "sft.py", *argv)
     return str(e.value)
 
 
