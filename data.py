@@ -8,7 +8,7 @@ tokenization with assistant-only targets, and padded or packed batches.
   RLVR         {"messages": [...], "ground_truth": ..., "dataset": "gsm8k" | "math" | "ifeval" | ...}
 
 Files may be .jsonl or .jsonl.gz; a mixture is "a.jsonl:0.5 b.jsonl:5000" (up to 1 a fraction of the
-file, so 1 is all of it; a larger whole number that many rows), as Tülu's dataset mixer reads it. Bad
+file, rounded down, so 1 is all of it; a larger whole number that many rows), as Tülu's dataset mixer reads it. Bad
 input is one clear error naming file and line, or with skip_bad=True a counted skip reported by the caller.
 """
 import gzip
@@ -158,7 +158,7 @@ def load_mixture(specs, parse, seed=0, skip_bad=False, encode=None):
                     raise ValueError
             except ValueError:
                 raise DataError(f"{spec}: the amount after ':' must be a fraction (0 to 1) or a row count") from None
-            k = round(f * len(got)) if f <= 1 else int(amount)
+            k = int(f * len(got)) if f <= 1 else int(amount)  # rounded down, as open-instruct's int(frac * len)
             if k > len(got):  # Tülu's mixer also refuses to invent rows
                 raise DataError(f"{spec}: asks for {k} rows, the file has {len(got)} usable rows")
             if k == 0:

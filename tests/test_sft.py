@@ -487,8 +487,10 @@ def test_mixture_counts_fractions_and_gzip(tmp_path):
     assert len(got) == 8
     with pytest.raises(data.DataError, match="asks for 11 rows"):
         data.load_mixture([f"{a}:11"], data.sft_row)
-    # as open-instruct's mixer reads it: up to 1 a fraction, so ":1" is the whole file, not one row
+    # as open-instruct's mixer reads it: up to 1 a fraction, so ":1" is the whole file, not one row; a fraction
+    # of the rows rounded down (int(0.46 * 10) = 4, where round() would take 5)
     assert len(data.load_mixture([f"{a}:1"], data.sft_row)[0]) == 10
+    assert len(data.load_mixture([f"{a}:0.46"], data.sft_row)[0]) == 4
     for bad in ("1.5", "-1", "x"):
         with pytest.raises(data.DataError, match="must be a fraction \\(0 to 1\\) or a row count"):
             data.load_mixture([f"{a}:{bad}"], data.sft_row)
