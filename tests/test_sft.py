@@ -86,6 +86,16 @@ def test_assistant_targets_multiturn(tiny):
     assert data.encode_sft(tok, msgs, max_len=len(ids), truncate=False) == (ids, labels)  # exactly max_len fits
 
 
+
+def test_a_target_on_the_first_token_alone_trains_nothing(monkeypatch):
+    # the first token has no position before it to predict it from (pad_batch drops labels[0]): an example whose
+    # only trained token is the first one is dropped, not a batch row without a target
+    monkeypatch.setattr(data, "tokenize_conversation", lambda tok, msgs: ([5, 6, 7], [True, False, False]))
+    assert data.encode_sft(None, [], max_len=8) is None
+    monkeypatch.setattr(data, "tokenize_conversation", lambda tok, msgs: ([5, 6, 7], [True, False, True]))
+    assert data.encode_sft(None, [], max_len=8) == ([5, 6, 7], [5, IGNORE, 7])
+
+
 def test_packed_loss_equals_padded_loss(tiny):
     tok = Tokenizer.from_pretrained(tiny[0])
     model = Llama.from_pretrained(tiny[0])
