@@ -360,6 +360,18 @@ def test_every_eos_id_ends_a_trained_span(base):
         m["content"] + "<|eot_id|>" for m in CONVERSATIONS[0] if m["role"] == "assistant")
 
 
+def test_a_turn_closed_by_two_eos_tokens_trains_both(base):
+    # a template that closes an assistant turn with two EOS tokens in a row: the span runs to the last of them
+    # (the whole closing sequence is learnt, whichever of the two a server stops on)
+    tpl = ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] }}"
+           "{% if m['role'] == 'assistant' %}{{ '<|eot_id|><|end_of_text|>' }}{% else %}{{ '<|eot_id|>' }}{% endif %}"
+           "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+    tok = Tokenizer(base.tok, dict(eos_token="<|eot_id|>"), tpl, eos_token_ids=[base.token_to_id("<|end_of_text|>")])
+    ids, mask = tokenize_conversation(tok, CONVERSATIONS[0])
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == "".join(
+        m["content"] + "<|eot_id|><|end_of_text|>" for m in CONVERSATIONS[0] if m["role"] == "assistant")
+
+
 def test_a_later_turn_without_eos_is_refused(base):
     # a template that drops the EOS from the second assistant turn on: an earlier turn's EOS must not count
     t = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] }}"
@@ -380,7 +392,9 @@ def test_special_tokens_and_eos_ids(ckpts, base, tmp_path):
     llama.save_pretrained(str(tmp_path / "resaved"))  # every EOS id survives a save (generation_config)
     assert Tokenizer.from_pretrained(str(tmp_path / "resaved")).eos_token_ids == [eot, eot_text]
     # in the source's order (transformers pads with the first when a config names no pad token)
-    assert json.load(open(tmp_path / "resaved" / "generation_config.json"))["eos_token_id"] == [eot_text, eot]
+    gen = json.load(open(tmp_path / "resaved" / "generation_config.json"))
+    assert gen["eos_token_id"] == [eot_text, eot]
+    assert gen["bos_token_id"] == llama.bos_id  # (as transformers' GenerationConfig.from_model_config writes it)
     tulu = Tokenizer.from_pretrained(ckpts["tulu"][0])
     assert tulu.eos_token_ids == [base.token_to_id("<|end_of_text|>")] and tulu.pad_id == base.token_to_id("<pad>")
     chatml = Tokenizer.from_pretrained(ckpts["chatml"][0])
