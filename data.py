@@ -8,8 +8,9 @@ tokenization with assistant-only targets, and padded or packed batches.
   RLVR         {"messages": [...], "ground_truth": ..., "dataset": "gsm8k" | "math" | "ifeval" | ...}
 
 Files may be .jsonl or .jsonl.gz; a mixture is "a.jsonl:0.5 b.jsonl:5000" (up to 1 a fraction of the
-file, rounded down, so 1 is all of it; a larger whole number that many rows), as Tülu's dataset mixer reads it. Bad
-input is one clear error naming file and line, or with skip_bad=True a counted skip reported by the caller.
+file's rows, rounded down, so 1 is all of it; a larger whole number that many rows), as Tülu's dataset mixer
+reads it. Bad input is one clear error naming file and line, or with skip_bad=True a counted skip reported by
+the caller.
 """
 import gzip
 import json
