@@ -1,4 +1,11 @@
 """Helpers shared by the test files."""
+import os
+import runpy
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def update_gap(a, b, base):
@@ -12,20 +19,13 @@ def update_gap(a, b, base):
 
 def run_here(monkeypatch, script, *argv):
     """A training script in this process (no interpreter start-up, the slow part of a tiny run), on the CPU."""
-    import os
-    import runpy
-    import sys
-
-    import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
-    runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), script),
-                   run_name="__main__")
+    runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
 
 
 def adamw(params, lr, wd):
     """common.build_optimizer's groups for a reference trainer: decay on matrices, none on norms and biases."""
-    import torch
     params = list(params)
     return torch.optim.AdamW([{"params": [q for q in params if q.dim() >= 2], "weight_decay": wd},
                               {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}], lr=lr)
@@ -34,7 +34,6 @@ def adamw(params, lr, wd):
 def clip_grads(params, clip):
     """torch's clip_grad_norm_ for a reference trainer: scale by clip / (norm + 1e-6) when that is below 1.
     -> the norm before clipping."""
-    import torch
     params = list(params)
     norm = torch.cat([q.grad.flatten() for q in params]).norm().item()
     for q in params:
