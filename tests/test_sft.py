@@ -135,6 +135,33 @@ def test_accumulation_and_two_process_fsdp_match(tiny, tmp_path):
     assert max_diff(weights(a), weights(str(tmp_path / "d"))) > 1e-4
 
 
+def test_collectives_and_loading_under_two_processes(tiny, tmp_path):
+    """common's helpers on 2 gloo ranks: all_reduce sums or takes the max over ranks (a tensor too), load_model
+    shards a frozen model (a reference: no gradients) and passes --grad-checkpoint, full_state_dict gathers the
+    checkpoint's weights on rank 0 and nothing elsewhere."""
+    script = tmp_path / "ranks.py"
+    script.write_text(f"""
+import torch, common
+from model import Llama
+rank, world, device = common.init_distributed()
+assert world == 2 and common.all_reduce(rank + 1.0) == 3.0 and common.all_reduce(rank + 1.0, op="max") == 2.0
+assert common.all_reduce(torch.tensor([rank, -rank]), op="max").tolist() == [1.0, 0.0]
+m = common.load_model({tiny[0]!r}, device, requires_grad=False, grad_checkpoint=True)
+assert m.grad_checkpoint and not any(p.requires_grad for p in m.parameters())
+sd = common.full_state_dict(m)
+if rank == 0:
+    ref = Llama.from_pretrained({tiny[0]!r}).state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+else:
+    assert sd == {{}}
+common.cleanup()
+print("ok")
+""")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["ok", "ok"], r.stderr[-3000:]
+
+
 def test_packing_matches_padding_in_training(tiny, tmp_path):
     run_sft(tiny, tmp_path / "pad", "--max-steps", 2, "--batch-size", 8, "--micro-batch-size", 4)
     run_sft(tiny, tmp_path / "pack", "--max-steps", 2, "--batch-size", 8, "--micro-batch-size", 4, "--packing")
@@ -542,9 +569,17 @@ def test_schedule_optimizer_and_step_plan():
     for g in opt.param_groups:
         assert all((p.dim() >= 2) == (g["weight_decay"] == 0.1) for p in g["params"])
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
-    # steps: whole batches per epoch, epochs may be fractional, warmup rounded down, accumulation per rank
-    args = Namespace(batch_size=8, micro_batch_size=2, epochs=1.5, max_steps=None, warmup_ratio=0.3)
-    assert common.plan_steps(100, args, 2) == (2, 12, 18, 5)
+    # steps: whole batches per epoch, a fractional epoch's last step counted (rounded up), warmup rounded down,
+    # accumulation per rank
+    args = Namespace(batch_size=8, micro_batch_size=2, epochs=1.3, max_steps=None, warmup_ratio=0.3)
+    assert common.plan_steps(100, args, 2) == (2, 12, 16, 4)  # 15.6 steps, 4.8 of warmup
+    # a micro-batch larger than a rank's share of the batch shrinks to it (no accumulation)
+    args = Namespace(batch_size=4, micro_batch_size=8, epochs=1, max_steps=None, warmup_ratio=0)
+    assert common.plan_steps(100, args, 2) == (1, 25, 25, 0) and args.micro_batch_size == 2
+    # every rank runs the same number of micro-batches: the batch must split evenly over micro-batches x ranks
+    args = Namespace(batch_size=8, micro_batch_size=2, epochs=1, max_steps=None, warmup_ratio=0)
+    with pytest.raises(SystemExit, match="--batch-size 8 must be a multiple of --micro-batch-size 2 x world size 3"):
+        common.plan_steps(100, args, 3)
     args = Namespace(batch_size=8, micro_batch_size=8, epochs=2, max_steps=20, warmup_ratio=0.1)
     assert common.plan_steps(100, args, 1) == (1, 12, 20, 2)
 
@@ -671,6 +706,17 @@ def test_bad_checkpoints_and_outputs_are_one_sentence(tiny, tmp_path, monkeypatc
         err = run_sft_here(monkeypatch, "--ckpt", ckpt, "--data", path, "--preset", "tiny", "--out",
                            out)  # SystemExit: no traceback
         assert err.startswith(msg) and "\n" not in err, err
+    # an --out that holds the working directory is swapped out whole by a save; a sibling whose name only
+    # starts the same way is not inside it
+    (tmp_path / "o" / "sub").mkdir(parents=True)
+    (tmp_path / "o2").mkdir()
+    for cwd, refused in [(tmp_path / "o" / "sub", True), (tmp_path / "o", True), (tmp_path / "o2", False)]:
+        monkeypatch.chdir(cwd)
+        if refused:
+            with pytest.raises(SystemExit, match=f"--out {tmp_path / 'o'}/ is, or holds, the working directory"):
+                common.check_out(str(tmp_path / "o") + "/")
+        else:
+            common.check_out(str(tmp_path / "o") + "/")
     (broken / "config.json").write_text('{"vocab_size": 300,\n')
     with pytest.raises(ValueError, match="config.json: invalid JSON at line 2"):
         Llama.from_pretrained(str(broken))
