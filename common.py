@@ -380,10 +380,10 @@ def trim_metrics(out, step):
     path = os.path.join(out, "metrics.jsonl")
     if (is_dist() and dist.get_rank() != 0) or not os.path.isfile(path):
         return
-    def before(ln):  # a line cut short by a kill is dropped
+    def before(ln):  # a line cut short by a kill, or that is not a row with a step, is dropped
         try:
-            return json.loads(ln).get("step", -1) < step
-        except json.JSONDecodeError:
+            return json.loads(ln)["step"] < step
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
             return False
     keep = [ln for ln in open(path) if before(ln)]
     with open(path, "w") as f:

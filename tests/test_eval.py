@@ -146,7 +146,8 @@ def test_evaluate_scores_decoded_responses_per_token_and_per_task(ckpt, monkeypa
     """common.evaluate on responses fixed in advance (generate stubbed): each prompt is the chat rendering
     ending at the assistant header, decoded greedily up to the tokenizer's EOS ids; the response is decoded
     without special tokens (an IFEval end phrase right before EOS counts), and the accuracy is over rows
-    (micro: 3 of 4), not a mean of the tasks' (macro: 5/6)."""
+    (micro: 3 of 4), not a mean of the tasks' (macro: 5/6). The model generates in eval mode and is handed back
+    in the mode it came in."""
     import model as model_module
     tok = Tokenizer.from_pretrained(ckpt)
     end = "Is there anything else I can help with?"
@@ -157,14 +158,16 @@ def test_evaluate_scores_decoded_responses_per_token_and_per_task(ckpt, monkeypa
     calls = []
 
     def fake_generate(model, prompts, max_new_tokens, temperature, eos_token_ids, batch_size):
-        calls.append((prompts, max_new_tokens, temperature, eos_token_ids))
+        calls.append((prompts, max_new_tokens, temperature, eos_token_ids, model.training))
         return [tok.encode(r) + [tok.eos_token_ids[0]] for r in responses], None
 
     monkeypatch.setattr(model_module, "generate", fake_generate)
     preds = []
-    res = common.evaluate(Llama.from_pretrained(ckpt), tok, rows, max_new_tokens=5, predictions=preds)
-    (prompts, n_new, temperature, eos), = calls
+    m = Llama.from_pretrained(ckpt).train()  # an evaluation in the middle of training
+    res = common.evaluate(m, tok, rows, max_new_tokens=5, predictions=preds)
+    (prompts, n_new, temperature, eos, training), = calls
     assert (n_new, temperature, eos) == (5, 0.0, tok.eos_token_ids)
+    assert not training and m.training  # generated in eval mode, handed back in train mode (grad checkpointing)
     for p, r in zip(prompts, rows):
         assert tok.decode(p) == f"<|user|>\n{r['messages'][0]['content']}\n<|assistant|>\n"
     assert preds == [(i, text, s) for i, (text, s) in enumerate(zip(responses, (1.0, 1.0, 0.0, 1.0)))]

@@ -338,7 +338,8 @@ def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
 
 def test_trim_metrics_drops_the_steps_about_to_be_redone(tmp_path):
     rows = [json.dumps({"step": k, "loss": 1.0}) + "\n" for k in range(5)]
-    (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 5, "lo')  # the last line cut by a kill
+    # the last line cut by a kill; lines that are not rows with a step (edited in by hand, say) are no step's
+    (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"loss": 1.0}\n[1]\n"s"\n{"step": 5, "lo')
     common.trim_metrics(str(tmp_path), 3)
     assert (tmp_path / "metrics.jsonl").read_text() == "".join(rows[:3])
 
@@ -784,10 +785,19 @@ def test_resume_says_what_changed_and_refuses_what_cannot_be(tiny, tmp_path, cap
     opt = common.build_optimizer(model, 1e-3, weight_decay=0.5)
     with pytest.raises(SystemExit, match="is at step 4, past this run's 3 steps"):
         common.resume(out, out, model, opt, args, 3)
+    for f in ("eval.json", "start_eval.json", "eval/gsm8k.json"):  # an evaluation of the saved model
+        os.makedirs(os.path.dirname(os.path.join(out, f)), exist_ok=True)
+        open(os.path.join(out, f), "w").write("{}")
     assert common.resume(out, out, model, opt, args, 6)["step"] == 4
-    assert "flags that differ from the saved run's, in effect from here: --batch-size 16 (saved: 8)" in capsys.readouterr().out
+    # (--resume itself, which always differs, is not listed)
+    assert "in effect from here: --batch-size 16 (saved: 8)\n" in capsys.readouterr().out
     assert opt.param_groups[0]["weight_decay"] == 0.5
     assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 4
+    assert all(os.path.isfile(os.path.join(out, f)) for f in ("eval.json", "start_eval.json", "eval/gsm8k.json"))
+    # a fresh run in the same directory: a new log, and no evaluation that is not of its own model
+    assert common.resume(None, out, model, opt, args, 6) == {"step": 0}
+    assert not {"eval.json", "start_eval.json", "eval"} & set(os.listdir(out)) and "config.json" in os.listdir(out)
+    assert open(os.path.join(out, "metrics.jsonl")).read() == ""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "--ckpt", tiny[0], "--data", tiny[1],
                         "--preset", "tiny", "--out", "."],
                        cwd=out, env=ENV, capture_output=True, text=True, timeout=120)
