@@ -510,3 +510,30 @@ def test_a_tensor_in_two_shards_is_refused(tmp_path):
     save_file(sd, os.path.join(path, last), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=f"{last}: tensor 'model.embed_tokens.weight' also in {first}"):
         Llama.from_pretrained(path)
+
+
+def test_the_default_base_checkpoint_is_an_hf_llama(tmp_path):
+    """tasks.make_base_checkpoint, the model `python sft.py` starts from: transformers loads it as a Llama with
+    tied embeddings, initialised as HF initialises one for training (N(0, 0.02) matrices, unit norms); its EOS,
+    in config.json and generation_config.json, is the chat template's end-of-turn token, and it has no BOS
+    (the template writes none). The same seed gives the same model."""
+    import tasks
+    from tokenizers import Tokenizer as RawTokenizer
+    sft = tasks.make_tasks(0, n_sft=96, n_prefs=2, n_rl=2, n_eval=2)[0]
+    kw = dict(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=128, vocab_size=300)
+    path = tasks.make_base_checkpoint(str(tmp_path / "a"), sft, **kw)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path)
+    gen = transformers.GenerationConfig.from_pretrained(path)
+    eos = RawTokenizer.from_file(os.path.join(path, "tokenizer.json")).token_to_id("<|endoftext|>")
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.tie_word_embeddings
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    assert hf.config.eos_token_id == eos and gen.eos_token_id in (eos, [eos])
+    assert hf.config.bos_token_id is None and gen.bos_token_id is None
+    for name, p in hf.named_parameters():
+        if p.dim() == 2:
+            assert abs(p.std().item() - 0.02) < 0.002 and abs(p.mean().item()) < 0.002, name
+        else:
+            assert torch.equal(p, torch.ones_like(p)), name
+    again = tasks.make_base_checkpoint(str(tmp_path / "b"), sft, **kw)
+    w = [load_file(os.path.join(d, "model.safetensors")) for d in (path, again)]
+    assert w[0].keys() == w[1].keys() and all(torch.equal(w[0][k], w[1][k]) for k in w[0])

@@ -668,6 +668,38 @@ def test_tiny_task_splits_are_disjoint():
     assert sum(map(len, map(set, prompts))) == len(set().union(*prompts)) == 5600
 
 
+def test_tiny_task_mix_and_imperfect_demonstrations():
+    """make_tasks' promise, on the default's own rows: every split alternates arithmetic and constrained
+    writing; a p_wrong (0.25) share of the SFT arithmetic shows a result 1 or 2 off (its work and its final
+    number agree), a p_follow (0.5) share of the constrained demonstrations honours the constraint and the
+    rest break it; all six constraints occur; the seed reaches every split."""
+    import tasks
+    splits = tasks.make_tasks(0)
+    for rows in splits[1:]:
+        assert [r["dataset"] for r in rows] == ["tiny_arith", "tiny_if"] * (len(rows) // 2)
+    arith, writing = splits[0][0::2], splits[0][1::2]
+    assert not any("####" in r["messages"][1]["content"] for r in writing)
+    off = []
+    for r in arith:
+        work, shown = re.fullmatch(r"(\d+ [-+*] \d+) = (\d+)\.\n#### (\d+)", r["messages"][1]["content"]).group(1, 2)
+        off.append(int(shown) - eval(work))
+        assert int(shown) == int(r["messages"][1]["content"].split()[-1])
+    assert set(off) == {-2, -1, 0, 1, 2} and abs(sum(o != 0 for o in off) / len(off) - 0.25) < 0.03
+    # the constrained demonstrations: each honours its constraint (strict IFEval) or breaks it, p_follow of them
+    rng, scores, kinds = random.Random(0), [], set()
+    for _ in range(1000):
+        q, demo, iid, kw = tasks.constrained(rng, 0.5)
+        kinds.add(iid)
+        if iid == "change_case:english_capital":  # langdetect calls some short all-caps English "de"
+            scores.append(float(demo == demo.upper()))
+        else:
+            scores.append(V.verify("tiny_if", demo, json.dumps({"instruction_id_list": [iid], "kwargs": [kw]})))
+    assert set(scores) == {0.0, 1.0} and abs(sum(scores) / len(scores) - 0.5) < 0.05 and len(kinds) == 6
+    assert {json.loads(r["ground_truth"])["instruction_id_list"][0] for r in splits[3][1::2]} == kinds
+    assert tasks.make_tasks(1, n_sft=4, n_prefs=4, n_rl=4, n_eval=4) != tasks.make_tasks(0, n_sft=4, n_prefs=4,
+                                                                                            n_rl=4, n_eval=4)
+
+
 def test_tiny_task_knobs_change_only_the_sft_demonstrations():
     """make_tasks' promise: p_wrong and p_follow change the SFT demonstrations, never a prompt (so the
     held-out, RL and preference sets stay the same while the knobs are tuned)."""
