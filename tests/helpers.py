@@ -1,9 +1,11 @@
 """Helpers shared by the test files."""
 import os
 import runpy
+import shutil
 import sys
 
 import torch
+from safetensors.torch import load_file, save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,3 +41,12 @@ def clip_grads(params, clip):
     for q in params:
         q.grad *= min(1.0, clip / (norm + 1e-6))
     return norm
+
+
+def nan_checkpoint(src, dst):
+    """A copy of checkpoint `src` at `dst` whose final norm holds a NaN: every loss computed through it is NaN."""
+    shutil.copytree(src, dst)
+    w = load_file(os.path.join(dst, "model.safetensors"))
+    w["model.norm.weight"][0] = float("nan")
+    save_file(w, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return str(dst)

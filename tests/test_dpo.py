@@ -22,7 +22,7 @@ import tasks
 from common import IGNORE
 from data import epoch_order, pad_batch
 from dpo import LOSS_TYPES, encode_response, pick_pair, preference_loss
-from helpers import clip_grads, run_here, update_gap
+from helpers import clip_grads, nan_checkpoint, run_here, update_gap
 from model import Llama
 from tokenizer import Tokenizer
 
@@ -451,6 +451,15 @@ def test_flags_refused_before_any_work(tiny, tmp_path, monkeypatch, capsys):
         assert msg in (str(e.value) if e.value.code != 2 else capsys.readouterr().err), extra
 
 
+def test_a_loss_that_is_not_finite_stops_the_run(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:
+        run_here(monkeypatch, "dpo.py", "--ckpt", nan_checkpoint(tiny[0], tmp_path / "nan"), "--data", tiny[1],
+                 "--preset", "tiny", "--out", out, *ARGS, "--max-steps", 2, "--save-every", 1)
+    assert str(e.value) == f"error: loss is nan at step 0; stopping. The last good checkpoint (if any) is untouched in {out}"
+    assert not os.path.exists(out / "model.safetensors")
+
+
 def test_a_damaged_reference_cache_is_recomputed(tiny, tmp_path):
     out = tmp_path / "c"
     run_dpo(tiny, out, "--max-steps", 1)
@@ -565,3 +574,23 @@ def test_on_policy_pairs(tiny, tmp_path, monkeypatch, capsys):
     assert rows == [{"chosen": r["messages"] + [{"role": "assistant", "content": "right and done"}],
                      "rejected": r["messages"] + [{"role": "assistant", "content": "wrong answer"}],
                      "dataset": r["dataset"]} for r in prefs]
+    # 2 ranks (torchrun, the same stubs): each samples half the prompts; pairs.jsonl holds both halves, in order
+    script = tmp_path / "two.py"
+    script.write_text(f"""
+import runpy, sys
+import model, verifiers
+from tokenizer import Tokenizer
+tok = Tokenizer.from_pretrained({tiny[0]!r})
+def generate(m, prompts, max_new_tokens, **kw):
+    assert len(prompts) == 2 * 3
+    return [tok.encode({texts!r}[j % 3]) + ([] if j % 3 == 1 else [tok.eos_token_ids[0]]) for j in range(6)], None
+model.generate = generate
+verifiers.verify = lambda dataset, text, gt: float(text.startswith("right"))
+sys.argv = ["dpo.py", "--ckpt", {tiny[0]!r}, "--out", {str(tmp_path / "two")!r}, "--n-prompts", "4",
+            "--samples-per-prompt", "3", "--batch-size", "4", "--max-steps", "1", "--eval-n", "0"]
+runpy.run_path({os.path.join(ROOT, "dpo.py")!r}, run_name="__main__")
+""")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "4 pairs" in r.stdout, r.stderr[-3000:]
+    assert [json.loads(ln) for ln in open(tmp_path / "two" / "pairs.jsonl")] == rows

@@ -428,6 +428,10 @@ def test_group_modes_raise_the_reward(tiny, tmp_path, mode):
     (("--max-new-tokens", 0), "argument --max-new-tokens: expected a whole number >= 1, got '0'"),
     (("--ppo-epochs", "1.5"), "argument --ppo-epochs: expected a whole number >= 1, got '1.5'"),
     (("--verify-reward", "nan"), "argument --verify-reward: expected a finite number, got 'nan'"),
+    (("--advantage", "rloo", "--samples-per-prompt", 1),
+     "--advantage rloo compares samples of a prompt: --samples-per-prompt must be >= 2, got 1"),
+    (("--prompts-per-step", 8, "--samples-per-prompt", 4, "--mini-batches", 3),
+     "32 rollouts per rank (prompts-per-step / world x samples) do not split into --mini-batches 3"),
 ])
 def test_settings_that_cannot_work_are_refused(tiny, tmp_path, extra, msg):
     base, path = tiny

@@ -21,7 +21,7 @@ import common
 import data
 import tasks
 from common import IGNORE
-from helpers import adamw, clip_grads, run_here
+from helpers import adamw, clip_grads, nan_checkpoint, run_here, update_gap
 from model import Llama, LlamaConfig
 from tokenizer import Tokenizer
 
@@ -334,6 +334,21 @@ def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
     log, w = open(os.path.join(full, "metrics.jsonl")).read(), weights(full)
     assert f"resumed from {full} at step 12" in run_sft(tiny, full, *args, "--resume").stdout
     assert open(os.path.join(full, "metrics.jsonl")).read() == log and max_diff(w, weights(full)) == 0
+
+
+def test_two_process_run_resumes_its_sharded_state(tiny, tmp_path):
+    """Under torchrun, --resume broadcasts rank 0's saved Adam moments and fp32 master weights (the safetensors
+    are bf16 here) into every rank's FSDP2 shards: 2 steps, then 2 more resumed, on 2 ranks, give the losses and
+    weights of 4 uninterrupted steps (on 1 process: 2 ranks equal 1, test_accumulation_and_two_process_fsdp_match)."""
+    args = ("--batch-size", 8, "--micro-batch-size", 4, "--schedule", "constant", "--warmup-ratio", 0,
+            "--save-dtype", "bf16")
+    full, out = tmp_path / "full", tmp_path / "two"
+    run_sft(tiny, full, "--max-steps", 4, *args)
+    run_sft(tiny, out, "--max-steps", 2, *args, nproc=2)
+    assert f"resumed from {out} at step 2" in run_sft(tiny, out, "--max-steps", 4, "--resume", *args, nproc=2).stdout
+    assert losses(str(out)) == pytest.approx(losses(str(full)), abs=1e-5)
+    master = [torch.load(d / "train_state.pt", weights_only=False)["model"] for d in (full, out)]
+    assert update_gap(*master, Llama.from_pretrained(tiny[0]).state_dict()) < 1e-3
 
 
 def test_trim_metrics_drops_the_steps_about_to_be_redone(tmp_path):
@@ -726,6 +741,14 @@ def test_bad_checkpoints_and_outputs_are_one_sentence(tiny, tmp_path, monkeypatc
     (tmp_path / "run" / "train_state.pt").write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(SystemExit, match="train_state.pt cannot be read .*: the checkpoint is damaged"):
         common.load_train_state(str(tmp_path / "run"), model, torch.optim.AdamW(model.parameters()))
+
+
+def test_a_loss_that_is_not_finite_stops_the_run(tiny, tmp_path, monkeypatch):
+    # before the optimizer step that would spread the NaN into every weight, and before any save
+    err = run_sft_here(monkeypatch, "--ckpt", nan_checkpoint(tiny[0], tmp_path / "nan"), "--data", tiny[1],
+                       "--preset", "tiny", "--out", tmp_path / "o", "--max-steps", 2, "--save-every", 1)
+    assert err == f"error: loss is nan at step 0; stopping. The last good checkpoint (if any) is untouched in {tmp_path / 'o'}"
+    assert not os.path.exists(tmp_path / "o" / "model.safetensors")
 
 
 def test_rows_named_when_their_label_cannot_be_scored(tmp_path):
