@@ -27,9 +27,10 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module", params=["llama3", "qwen2"])
+@pytest.fixture(scope="module", params=["llama3", "llama2", "qwen2"])
 def pair(request, tmp_path_factory):
-    """(our model, transformers' model) with the same random weights: a GQA Llama and a Qwen2."""
+    """(our model, transformers' model) with the same random weights: a GQA Llama, a Llama 2 without GQA (a
+    masked decode step takes another attention branch) and a Qwen2."""
     from test_model import make_hf  # imports transformers: not at module level, so that the
     path = str(tmp_path_factory.mktemp(request.param))  # FSDP worker processes start fast
     hf = make_hf(request.param, path)

@@ -291,9 +291,10 @@ def test_grad_checkpoint_recomputes_and_gives_the_same_gradients(tmp_path):
 
 
 @torch.no_grad()
-def test_packed_documents_equal_separate_forwards(tmp_path):
+@pytest.mark.parametrize("name", ["qwen2", "llama2"])  # GQA and not: two attention branches take a mask
+def test_packed_documents_equal_separate_forwards(tmp_path, name):
     path = str(tmp_path / "m")
-    make_hf("qwen2", path)
+    make_hf(name, path)
     model = Llama.from_pretrained(path).eval()
     docs = [tokens(256, 1, T, seed=T)[0] for T in (5, 11, 7)]
     ids = torch.cat(docs)[None]
