@@ -331,6 +331,10 @@ def test_sympy_timeout_scores_zero_and_is_counted(monkeypatch):
     assert time.monotonic() - t < 1.0 + 1.5
     assert V.FAILURES["math:TimeoutError"] == before + 1
     assert V.math("$\\boxed{2\\sqrt{2}}$", "\\sqrt{8}") == 1.0  # a fresh worker replaces the killed one
+    for p in V._IDLE:  # an idle worker killed from outside (the OOM killer, say) is replaced too
+        p.kill()
+        p.wait()
+    assert V.math("$\\boxed{(x-1)(x+1)}$", "x^2-1") == 1.0 and V.FAILURES["math:TimeoutError"] == before + 1
     # the timeout costs only its own candidate: the Minerva line runs out of time, the box still counts
     both = "Final Answer: The final answer is $(x+y+z)^{80}$. I hope it is correct. So $\\boxed{2\\sqrt{2}}$"
     assert V.math_candidates(both) == ["(x+y+z)^{80}", "2\\sqrt{2}"]
