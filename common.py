@@ -383,7 +383,7 @@ def trim_metrics(out, step):
     def before(ln):  # a line cut short by a kill, or that is not a row with a step, is dropped
         try:
             return json.loads(ln)["step"] < step
-        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+        except (json.JSONDecodeError, KeyError, TypeError):
             return False
     keep = [ln for ln in open(path) if before(ln)]
     with open(path, "w") as f:
