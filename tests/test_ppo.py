@@ -757,3 +757,33 @@ def test_a_run_matches_a_reference_trainer(tiny, reward_model, tmp_path, monkeyp
     assert vm.keys() == {f"body.{k}" for k in vstart if k != "head"} | {"head.weight"}
     vm = {k.replace("body.", "", 1).replace("head.weight", "head"): v for k, v in vm.items()}
     assert update_gap(vm, body.state_dict(), vstart) < 1e-4
+
+
+def test_start_accuracy_is_the_start_checkpoints(tiny, tmp_path, monkeypatch):
+    """With no eval.json beside --ckpt, the start's held-out accuracy is evaluated before the first step, on the
+    start weights, and kept in start_eval.json; a resumed run that lost that file evaluates the start checkpoint
+    again (not the policy it resumed); one that has it evaluates only the end."""
+    import common
+    seen = []
+
+    def evaluate(model, tok, rows, max_new_tokens=64, **kw):  # records which weights it scored
+        seen.append(model.state_dict()["layers.0.self_attn.q_proj.weight"].clone())
+        return {"accuracy": 0.5, "n": len(rows), "per_task": {}, "max_new_tokens": max_new_tokens,
+                "prompts": common.prompts_key(rows)}
+    monkeypatch.setattr(common, "evaluate", evaluate)
+    start = Llama.from_pretrained(tiny[0]).state_dict()["layers.0.self_attn.q_proj.weight"]
+    out = tmp_path / "o"
+    args = ("--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", out, "--eval-prompts", tiny[1],
+            "--eval-n", 2, "--prompts-per-step", 8, "--max-new-tokens", 4, "--lr", 1e-2,
+            "--no-eos-penalty", -10)  # a reward (no sample ends in 4 tokens), so that the policy moves
+    run_here(monkeypatch, "ppo_rlvr.py", *args, "--steps", 1)
+    assert len(seen) == 2 and torch.equal(seen[0], start) and not torch.equal(seen[1], start)
+    assert json.load(open(out / "start_eval.json"))["accuracy"] == 0.5
+    assert json.load(open(out / "eval.json"))["start"]["accuracy"] == 0.5
+    os.remove(out / "start_eval.json")
+    seen.clear()
+    run_here(monkeypatch, "ppo_rlvr.py", *args, "--steps", 2, "--resume")
+    assert len(seen) == 2 and torch.equal(seen[0], start)
+    seen.clear()
+    run_here(monkeypatch, "ppo_rlvr.py", *args, "--steps", 3, "--resume")
+    assert len(seen) == 1 and not torch.equal(seen[0], start)
