@@ -569,6 +569,11 @@ def test_on_policy_pairs(tiny, tmp_path, monkeypatch, capsys):
     run_here(monkeypatch, "dpo.py", "--ckpt", tiny[0], "--out", tmp_path / "o", "--n-prompts", 4, "--samples-per-prompt", 3,
              "--batch-size", 4, "--max-steps", 1, "--eval-n", 0)
     assert "4 pairs" in capsys.readouterr().out
+    # a resumed run trains on the pairs the run it resumes sampled: it samples none
+    monkeypatch.setattr(model_mod, "generate", lambda *a, **kw: pytest.fail("sampled again on --resume"))
+    run_here(monkeypatch, "dpo.py", "--ckpt", tiny[0], "--out", tmp_path / "o", "--n-prompts", 4, "--samples-per-prompt", 3,
+             "--batch-size", 4, "--max-steps", 2, "--eval-n", 0, "--resume")
+    assert f"on-policy pairs: reusing {tmp_path / 'o' / 'pairs.jsonl'}" in capsys.readouterr().out
     prefs = tasks.make_tasks(seed=0)[1][:4]
     rows = [json.loads(ln) for ln in open(tmp_path / "o" / "pairs.jsonl")]
     assert rows == [{"chosen": r["messages"] + [{"role": "assistant", "content": "right and done"}],
@@ -594,3 +599,25 @@ runpy.run_path({os.path.join(ROOT, "dpo.py")!r}, run_name="__main__")
                         str(script)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "4 pairs" in r.stdout, r.stderr[-3000:]
     assert [json.loads(ln) for ln in open(tmp_path / "two" / "pairs.jsonl")] == rows
+
+
+def test_held_out_accuracy_with_data_files(tiny, tmp_path, monkeypatch):
+    """--data with --eval-prompts: the start model is scored before training (its checkpoint has no eval.json)
+    and the trained one at the end; eval.json holds both."""
+    import common
+    seen = []
+
+    def evaluate(model, tok, rows, max_new_tokens=64, **kw):  # records which weights it scored
+        seen.append(model.state_dict()["layers.0.self_attn.q_proj.weight"].clone())
+        return {"accuracy": 0.25 * len(seen), "n": len(rows), "per_task": {}, "max_new_tokens": max_new_tokens,
+                "prompts": common.prompts_key(rows)}
+    monkeypatch.setattr(common, "evaluate", evaluate)
+    prompts = tmp_path / "held_out.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in tasks.make_tasks(seed=0)[3][:3]))
+    out = tmp_path / "o"
+    run_here(monkeypatch, "dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", out, *ARGS,
+             "--max-steps", 2, "--eval-prompts", prompts, "--eval-n", 2)
+    start = Llama.from_pretrained(tiny[0]).state_dict()["layers.0.self_attn.q_proj.weight"]
+    assert len(seen) == 2 and torch.equal(seen[0], start) and not torch.equal(seen[1], start)
+    ev = json.load(open(out / "eval.json"))
+    assert (ev["accuracy"], ev["n"], ev["start"]["accuracy"], ev["start"]["n"]) == (0.5, 2, 0.25, 2)
