@@ -7,6 +7,8 @@ import sys
 import torch
 from safetensors.torch import load_file, save_file
 
+import common
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -17,6 +19,13 @@ def update_gap(a, b, base):
     def norm(diff):
         return sum((diff(k) ** 2).sum() for k in a) ** 0.5
     return (norm(lambda k: a[k].double() - b[k].double()) / norm(lambda k: a[k].double() - base[k].double())).item()
+
+
+def python(*argv, nproc=1):
+    """The command line that runs a script (or `-m module`) with its arguments: in one process, or in nproc ranks
+    under torchrun (CPU ranks on gloo in the tests)."""
+    return [sys.executable, *map(str, argv)] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, argv)]
 
 
 def run_here(monkeypatch, script, *argv):
@@ -50,3 +59,13 @@ def nan_checkpoint(src, dst):
     w["model.norm.weight"][0] = float("nan")
     save_file(w, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
     return str(dst)
+
+
+def recording_evaluate(seen):
+    """A stand-in for common.evaluate that appends the weights it scored (layer 0's q_proj) to `seen` and gives
+    its k-th call (from 1) accuracy 0.25 k, keyed to the rows it was given."""
+    def evaluate(model, tok, rows, max_new_tokens=64, **kw):
+        seen.append(model.state_dict()["layers.0.self_attn.q_proj.weight"].clone())
+        return {"accuracy": 0.25 * len(seen), "n": len(rows), "per_task": {}, "max_new_tokens": max_new_tokens,
+                "prompts": common.prompts_key(rows)}
+    return evaluate

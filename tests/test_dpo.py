@@ -22,7 +22,7 @@ import tasks
 from common import IGNORE
 from data import epoch_order, pad_batch
 from dpo import LOSS_TYPES, encode_response, pick_pair, preference_loss
-from helpers import clip_grads, nan_checkpoint, run_here, update_gap
+from helpers import clip_grads, nan_checkpoint, python, recording_evaluate, run_here, update_gap
 from model import Llama
 from tokenizer import Tokenizer
 
@@ -228,8 +228,7 @@ ARGS = ["--loss-type", "dpo", "--beta", "0.5", "--lr", "1e-2", "--batch-size", "
 def run_dpo(tiny, out, *extra, nproc=1, wait=True):
     base, path, _ = tiny
     cmd = ["dpo.py", "--ckpt", base, "--data", path, "--preset", "tiny", "--out", str(out), *ARGS, *map(str, extra)]
-    cmd = [sys.executable, *cmd] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
+    cmd = python(*cmd, nproc=nproc)
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
@@ -595,8 +594,7 @@ sys.argv = ["dpo.py", "--ckpt", {tiny[0]!r}, "--out", {str(tmp_path / "two")!r},
             "--samples-per-prompt", "3", "--batch-size", "4", "--max-steps", "1", "--eval-n", "0"]
 runpy.run_path({os.path.join(ROOT, "dpo.py")!r}, run_name="__main__")
 """)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(python(script, nproc=2), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "4 pairs" in r.stdout, r.stderr[-3000:]
     assert [json.loads(ln) for ln in open(tmp_path / "two" / "pairs.jsonl")] == rows
 
@@ -606,12 +604,7 @@ def test_held_out_accuracy_with_data_files(tiny, tmp_path, monkeypatch):
     and the trained one at the end; eval.json holds both."""
     import common
     seen = []
-
-    def evaluate(model, tok, rows, max_new_tokens=64, **kw):  # records which weights it scored
-        seen.append(model.state_dict()["layers.0.self_attn.q_proj.weight"].clone())
-        return {"accuracy": 0.25 * len(seen), "n": len(rows), "per_task": {}, "max_new_tokens": max_new_tokens,
-                "prompts": common.prompts_key(rows)}
-    monkeypatch.setattr(common, "evaluate", evaluate)
+    monkeypatch.setattr(common, "evaluate", recording_evaluate(seen))
     prompts = tmp_path / "held_out.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in tasks.make_tasks(seed=0)[3][:3]))
     out = tmp_path / "o"

@@ -23,6 +23,7 @@ from data import DataError
 from eval import common as eval_common
 from eval import builtin, gsm8k, ifeval, math
 from eval.common import DATA, complete, cut, load_rows, positive, render
+from helpers import python
 from model import Llama, generate
 from tokenizer import Tokenizer
 
@@ -62,8 +63,7 @@ def runs(ckpt, tmp_path_factory):
     rows[0] = {"question": "Copy: what is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}
     with open(data / "gsm8k" / "test.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    py, tr = [sys.executable, "-m"], [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                     "-m"]
+    py, tr = python("-m"), python("-m", nproc=2)
     cmds = {"gsm8k": (py, ["eval.gsm8k", "--data", str(data), "--batch-size", "10", "--out", str(tmp / "gsm8k")]),
             "math": (py, ["eval.math", "--subset", "500", "--batch-size", "10", "--out", str(tmp / "math")]),
             "ifeval": (py, ["eval.ifeval", "--out", str(tmp / "ifeval")]),

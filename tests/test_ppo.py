@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import tasks
 from data import encode_prompt
-from helpers import adamw, clip_grads, run_here, update_gap
+from helpers import adamw, clip_grads, python, recording_evaluate, run_here, update_gap
 from model import Llama, generate
 from ppo_rlvr import (ValueModel, adaptive_kl, advantages, gae, group_advantages, kl_estimate, masked_whiten,
                       policy_loss, ppo_loss, response_logprobs, rollout_batch, sequence_scores, token_rewards,
@@ -73,8 +73,7 @@ def run_ppo(tiny, out, *extra, nproc=1, wait=True):
     base, path = tiny
     cmd = ["ppo_rlvr.py", "--ckpt", base, "--data", path, "--preset", "tiny", "--out", str(out), "--eval-n", "0",
            "--max-new-tokens", "16", *map(str, extra)]
-    cmd = [sys.executable, *cmd] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
+    cmd = python(*cmd, nproc=nproc)
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
@@ -765,12 +764,7 @@ def test_start_accuracy_is_the_start_checkpoints(tiny, tmp_path, monkeypatch):
     again (not the policy it resumed); one that has it evaluates only the end."""
     import common
     seen = []
-
-    def evaluate(model, tok, rows, max_new_tokens=64, **kw):  # records which weights it scored
-        seen.append(model.state_dict()["layers.0.self_attn.q_proj.weight"].clone())
-        return {"accuracy": 0.5, "n": len(rows), "per_task": {}, "max_new_tokens": max_new_tokens,
-                "prompts": common.prompts_key(rows)}
-    monkeypatch.setattr(common, "evaluate", evaluate)
+    monkeypatch.setattr(common, "evaluate", recording_evaluate(seen))
     start = Llama.from_pretrained(tiny[0]).state_dict()["layers.0.self_attn.q_proj.weight"]
     out = tmp_path / "o"
     args = ("--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", out, "--eval-prompts", tiny[1],
@@ -778,8 +772,8 @@ def test_start_accuracy_is_the_start_checkpoints(tiny, tmp_path, monkeypatch):
             "--no-eos-penalty", -10)  # a reward (no sample ends in 4 tokens), so that the policy moves
     run_here(monkeypatch, "ppo_rlvr.py", *args, "--steps", 1)
     assert len(seen) == 2 and torch.equal(seen[0], start) and not torch.equal(seen[1], start)
-    assert json.load(open(out / "start_eval.json"))["accuracy"] == 0.5
-    assert json.load(open(out / "eval.json"))["start"]["accuracy"] == 0.5
+    assert json.load(open(out / "start_eval.json"))["accuracy"] == 0.25  # (the first call's score)
+    assert json.load(open(out / "eval.json"))["start"]["accuracy"] == 0.25
     os.remove(out / "start_eval.json")
     seen.clear()
     run_here(monkeypatch, "ppo_rlvr.py", *args, "--steps", 2, "--resume")

@@ -21,7 +21,7 @@ import common
 import data
 import tasks
 from common import IGNORE
-from helpers import adamw, clip_grads, nan_checkpoint, run_here, update_gap
+from helpers import adamw, clip_grads, nan_checkpoint, python, run_here, update_gap
 from model import Llama, LlamaConfig
 from tokenizer import Tokenizer
 
@@ -46,8 +46,7 @@ def run_sft(tiny, out, *extra, nproc=1, wait=True, env=None):
     base, path = tiny
     cmd = ["sft.py", "--ckpt", base, "--data", path, "--preset", "tiny", "--out", str(out), "--val-frac", "0",
            *map(str, extra)]
-    cmd = [sys.executable, *cmd] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
+    cmd = python(*cmd, nproc=nproc)
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     r = subprocess.run(cmd, cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=300)
@@ -157,8 +156,7 @@ else:
 common.cleanup()
 print("ok")
 """)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(python(script, nproc=2), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.split() == ["ok", "ok"], r.stderr[-3000:]
 
 
