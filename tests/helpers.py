@@ -4,6 +4,7 @@ import runpy
 import shutil
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -29,10 +30,27 @@ def python(*argv, nproc=1):
 
 
 def run_here(monkeypatch, script, *argv):
-    """A training script in this process (no interpreter start-up, the slow part of a tiny run), on the CPU."""
+    """A training script (or, without .py, a module: `eval.gsm8k`) in this process, on the CPU: no interpreter
+    start-up, the slow part of a tiny run."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
-    runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    if script.endswith(".py"):
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    else:  # as `python -m`: a fresh copy of the module runs as __main__ (the imported one is set aside meanwhile)
+        monkeypatch.delitem(sys.modules, script, raising=False)
+        runpy.run_module(script, run_name="__main__", alter_sys=True)
+
+
+def refusal(monkeypatch, capsys, script, *argv):
+    """run_here for a command that must stop with one sentence -> that sentence: the message of its SystemExit
+    (exit status 1), or the last line argparse printed (status 2). Any other exception propagates, as its
+    traceback would."""
+    with pytest.raises(SystemExit) as e:
+        run_here(monkeypatch, script, *argv)
+    if isinstance(e.value.code, str):
+        return e.value.code
+    assert e.value.code == 2, f"{script} exited with {e.value.code!r}, not with a sentence"
+    return capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def adamw(params, lr, wd):

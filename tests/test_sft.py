@@ -21,7 +21,7 @@ import common
 import data
 import tasks
 from common import IGNORE
-from helpers import adamw, clip_grads, nan_checkpoint, python, run_here, update_gap
+from helpers import adamw, clip_grads, nan_checkpoint, python, refusal, update_gap
 from model import Llama, LlamaConfig
 from tokenizer import Tokenizer
 
@@ -491,24 +491,18 @@ def test_undecodable_files(tmp_path):
         data.load_mixture([str(only_bad)], data.sft_row, skip_bad=True)
 
 
-def test_empty_file_and_cli_error(tiny, tmp_path):
+def test_empty_file_and_cli_error(tiny, tmp_path, monkeypatch, capsys):
     empty = tmp_path / "e.jsonl"
     empty.write_text("\n")
     with pytest.raises(data.DataError, match="e.jsonl: empty file"):
         data.load_mixture([str(empty)], data.sft_row)
-    r = subprocess.run([sys.executable, "sft.py", "--ckpt", tiny[0], "--data", str(empty), "--preset", "tiny",
-                        "--out", str(tmp_path / "o")],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == f"error: {empty}: empty file"
+    args = ["sft.py", "--ckpt", tiny[0], "--preset", "tiny", "--out", tmp_path / "o"]
+    assert refusal(monkeypatch, capsys, *args, "--data", empty) == f"error: {empty}: empty file"
     # the tiny tokenizer has no BOS to add
-    r = subprocess.run([sys.executable, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny",
-                        "--add-bos", "--out", str(tmp_path / "o")], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == "error: --add-bos: the tokenizer has no bos_token to add"
-    r = subprocess.run([sys.executable, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny",
-                        "--chat-template", str(tmp_path / "none.jinja"), "--out", str(tmp_path / "o")],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: --chat-template: [Errno 2]")
+    assert refusal(monkeypatch, capsys, *args, "--data", tiny[1], "--add-bos") == \
+        "error: --add-bos: the tokenizer has no bos_token to add"
+    assert refusal(monkeypatch, capsys, *args, "--data", tiny[1], "--chat-template", tmp_path / "none.jinja"
+                   ).startswith("error: --chat-template: [Errno 2]")
 
 
 def test_preset_follows_the_data(tiny, tmp_path):
@@ -674,14 +668,6 @@ def test_a_save_keeps_what_else_the_directory_holds(tiny, tmp_path):
     assert os.stat(out / "model.safetensors").st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600
 
 
-def run_sft_here(monkeypatch, *argv):
-    """sft.py in this process up to its first SystemExit (the flags and inputs it refuses before any work) ->
-    the exception's message, or what argparse printed."""
-    with pytest.raises(SystemExit) as e:
-        run_here(monkeypatch, "sft.py", *argv)
-    return str(e.value)
-
-
 def test_number_flags_are_checked_at_the_command_line(tiny, tmp_path, monkeypatch, capsys):
     import argparse
     for parse, bad, msg in [(common.number(0), "-1", "a number >= 0"), (common.number(0, 1), "1.5", ">= 0 and <= 1"),
@@ -698,12 +684,11 @@ def test_number_flags_are_checked_at_the_command_line(tiny, tmp_path, monkeypatc
                              ("--val-frac", "-0.5", "argument --val-frac: expected a number >= 0 and <= 1"),
                              ("--epochs", "-1", "argument --epochs: expected a number > 0"),
                              ("--eval-n", "-1", "argument --eval-n: expected a whole number >= 0")]:
-        assert run_sft_here(monkeypatch, "--ckpt", base, "--data", path, "--preset", "tiny", flag, value, "--out",
-                            tmp_path / "o") == "2"
-        assert msg in capsys.readouterr().err.strip().splitlines()[-1]
+        assert msg in refusal(monkeypatch, capsys, "sft.py", "--ckpt", base, "--data", path, "--preset", "tiny", flag,
+                              value, "--out", tmp_path / "o")
 
 
-def test_bad_checkpoints_and_outputs_are_one_sentence(tiny, tmp_path, monkeypatch):
+def test_bad_checkpoints_and_outputs_are_one_sentence(tiny, tmp_path, monkeypatch, capsys):
     # before any work, and without a traceback: a missing or broken --ckpt, an --out that is a file, a damaged
     # train_state.pt on --resume
     base, path = tiny
@@ -717,8 +702,7 @@ def test_bad_checkpoints_and_outputs_are_one_sentence(tiny, tmp_path, monkeypatc
     for ckpt, out, msg in [(tmp_path / "none", tmp_path / "o", f"error: {tmp_path / 'none'}/tokenizer.json not found"),
                            (broken, tmp_path / "o", f"error: {broken}/config.json: 'hidden_size' is missing"),
                            (base, afile, f"error: --out {afile} is a file; it must be a directory")]:
-        err = run_sft_here(monkeypatch, "--ckpt", ckpt, "--data", path, "--preset", "tiny", "--out",
-                           out)  # SystemExit: no traceback
+        err = refusal(monkeypatch, capsys, "sft.py", "--ckpt", ckpt, "--data", path, "--preset", "tiny", "--out", out)
         assert err.startswith(msg) and "\n" not in err, err
     # an --out that holds the working directory is swapped out whole by a save; a sibling whose name only
     # starts the same way is not inside it
@@ -741,10 +725,10 @@ def test_bad_checkpoints_and_outputs_are_one_sentence(tiny, tmp_path, monkeypatc
         common.load_train_state(str(tmp_path / "run"), model, torch.optim.AdamW(model.parameters()))
 
 
-def test_a_loss_that_is_not_finite_stops_the_run(tiny, tmp_path, monkeypatch):
+def test_a_loss_that_is_not_finite_stops_the_run(tiny, tmp_path, monkeypatch, capsys):
     # before the optimizer step that would spread the NaN into every weight, and before any save
-    err = run_sft_here(monkeypatch, "--ckpt", nan_checkpoint(tiny[0], tmp_path / "nan"), "--data", tiny[1],
-                       "--preset", "tiny", "--out", tmp_path / "o", "--max-steps", 2, "--save-every", 1)
+    err = refusal(monkeypatch, capsys, "sft.py", "--ckpt", nan_checkpoint(tiny[0], tmp_path / "nan"), "--data",
+                  tiny[1], "--preset", "tiny", "--out", tmp_path / "o", "--max-steps", 2, "--save-every", 1)
     assert err == f"error: loss is nan at step 0; stopping. The last good checkpoint (if any) is untouched in {tmp_path / 'o'}"
     assert not os.path.exists(tmp_path / "o" / "model.safetensors")
 
@@ -790,7 +774,7 @@ def test_more_bad_data_messages(tmp_path):
         data.sft_row({"conversations": []}, "f:1")
 
 
-def test_resume_says_what_changed_and_refuses_what_cannot_be(tiny, tmp_path, capsys):
+def test_resume_says_what_changed_and_refuses_what_cannot_be(tiny, tmp_path, monkeypatch, capsys):
     # past the run's steps: refused (it saved the later weights as the earlier step); changed flags: listed;
     # the optimizer's moments come back but --weight-decay is this run's (load_state_dict restored the saved);
     # a metrics line cut short by a kill is dropped
@@ -819,7 +803,6 @@ def test_resume_says_what_changed_and_refuses_what_cannot_be(tiny, tmp_path, cap
     assert common.resume(None, out, model, opt, args, 6) == {"step": 0}
     assert not {"eval.json", "start_eval.json", "eval"} & set(os.listdir(out)) and "config.json" in os.listdir(out)
     assert open(os.path.join(out, "metrics.jsonl")).read() == ""
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "--ckpt", tiny[0], "--data", tiny[1],
-                        "--preset", "tiny", "--out", "."],
-                       cwd=out, env=ENV, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: --out . is, or holds, the working")
+    monkeypatch.chdir(out)
+    assert refusal(monkeypatch, capsys, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", "."
+                   ).startswith("error: --out . is, or holds, the working")
