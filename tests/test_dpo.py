@@ -11,7 +11,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -236,6 +235,12 @@ def run_dpo(tiny, out, *extra, nproc=1, wait=True):
     return r.stdout
 
 
+def run_dpo_here(monkeypatch, capsys, tiny, out, *extra):
+    """run_dpo in this process -> what it printed."""
+    run_here(monkeypatch, "dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", out, *ARGS, *extra)
+    return capsys.readouterr().out
+
+
 def metrics(out):
     return [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl"))]
 
@@ -324,18 +329,16 @@ def test_run_learns_and_caches_reference(tiny, run_a):
     assert margin.mean() > 1 and (margin > 0).float().mean() > 0.9
 
 
-def test_simpo_rewards_and_accuracy(tiny):
+def test_simpo_rewards_and_accuracy(tiny, monkeypatch, capsys):
     """SimPO needs no reference (no cache is written); step 0's metrics follow the definitions, from
     float64 log-probs of the start model: reward = beta * average log-prob, accuracy = share of pairs
     with reward_chosen > reward_rejected, loss = mean -log sigmoid(beta (avg_c - avg_r) - gamma)."""
     out = tiny[2] / "simpo"
     # ARGS' --beta 0.5 is dropped: simpo's own default beta (2, not dpo's 0.1) must be the one used
     args = [a for i, a in enumerate(ARGS) if a != "--beta" and (i == 0 or ARGS[i - 1] != "--beta")]
-    cmd = ["dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", str(out), *args,
-           "--loss-type", "simpo", "--gamma-beta-ratio", "0.5", "--max-steps", "1"]
-    r = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    log = r.stdout
+    run_here(monkeypatch, "dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", out, *args,
+             "--loss-type", "simpo", "--gamma-beta-ratio", 0.5, "--max-steps", 1)
+    log = capsys.readouterr().out
     assert "loss: simpo, beta 2.0" in log
     assert "reference log-probs" not in log
     assert not [f for f in os.listdir(out.parent) if f.startswith("simpo.ref-")]
@@ -354,12 +357,12 @@ def test_simpo_rewards_and_accuracy(tiny):
     assert m["loss"] == pytest.approx(want.item(), abs=1e-4)
 
 
-def test_wpo_aligned_weights_in_the_script(tiny):
+def test_wpo_aligned_weights_in_the_script(tiny, monkeypatch, capsys):
     """At step 0 the policy is its reference, so every pair's DPO term is log 2 and the logged loss is
     log 2 x the mean WPO weight: min(1, exp(avg(log pi - log sum pi^2) over chosen + the same over rejected)),
     recomputed here from float64 full softmaxes."""
     out = tiny[2] / "wpo"
-    run_dpo(tiny, out, "--loss-type", "wpo", "--max-steps", "1")
+    run_dpo_here(monkeypatch, capsys, tiny, out, "--loss-type", "wpo", "--max-steps", 1)
     pairs = encoded_pairs(tiny)
     idx = epoch_order(48, 0, 0)[:8]
     model = Llama.from_pretrained(tiny[0], dtype=torch.float64)
@@ -457,13 +460,13 @@ def test_a_loss_that_is_not_finite_stops_the_run(tiny, tmp_path, monkeypatch):
     assert not os.path.exists(out / "model.safetensors")
 
 
-def test_a_damaged_reference_cache_is_recomputed(tiny, tmp_path):
+def test_a_damaged_reference_cache_is_recomputed(tiny, tmp_path, monkeypatch, capsys):
     out = tmp_path / "c"
-    run_dpo(tiny, out, "--max-steps", 1)
+    run_dpo_here(monkeypatch, capsys, tiny, out, "--max-steps", 1)
     (cache,) = [tmp_path / f for f in os.listdir(tmp_path) if f.startswith("c.ref-")]
     good = torch.load(cache)["logps"]
     cache.write_bytes(b"PK\x03\x04 cut short")
-    log = run_dpo(tiny, out, "--max-steps", 1)
+    log = run_dpo_here(monkeypatch, capsys, tiny, out, "--max-steps", 1)
     assert f"cannot read {cache}" in log and "computing them again" in log
     assert torch.equal(torch.load(cache)["logps"], good)
 
@@ -529,9 +532,7 @@ def test_reference_cache_is_keyed_by_the_pairs(tiny, tmp_path, monkeypatch, caps
     Step 0 tells: the policy is its reference, so rewards 0 and loss log 2."""
     out = tmp_path / "o"
     for seed in (0, 1):
-        run_here(monkeypatch, "dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", out, *ARGS,
-                 "--max-steps", 1, "--seed", seed)
-        log = capsys.readouterr().out
+        log = run_dpo_here(monkeypatch, capsys, tiny, out, "--max-steps", 1, "--seed", seed)
         assert "reference log-probs: 48 pairs" in log and "reference log-probs: loaded" not in log, seed
         (m,) = metrics(out)
         assert m["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -597,7 +598,7 @@ runpy.run_path({os.path.join(ROOT, "dpo.py")!r}, run_name="__main__")
     assert [json.loads(ln) for ln in open(tmp_path / "two" / "pairs.jsonl")] == rows
 
 
-def test_held_out_accuracy_with_data_files(tiny, tmp_path, monkeypatch):
+def test_held_out_accuracy_with_data_files(tiny, tmp_path, monkeypatch, capsys):
     """--data with --eval-prompts: the start model is scored before training (its checkpoint has no eval.json)
     and the trained one at the end; eval.json holds both."""
     import common
@@ -606,8 +607,7 @@ def test_held_out_accuracy_with_data_files(tiny, tmp_path, monkeypatch):
     prompts = tmp_path / "held_out.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in tasks.make_tasks(seed=0)[3][:3]))
     out = tmp_path / "o"
-    run_here(monkeypatch, "dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", out, *ARGS,
-             "--max-steps", 2, "--eval-prompts", prompts, "--eval-n", 2)
+    run_dpo_here(monkeypatch, capsys, tiny, out, "--max-steps", 2, "--eval-prompts", prompts, "--eval-n", 2)
     start = Llama.from_pretrained(tiny[0]).state_dict()["layers.0.self_attn.q_proj.weight"]
     assert len(seen) == 2 and torch.equal(seen[0], start) and not torch.equal(seen[1], start)
     ev = json.load(open(out / "eval.json"))

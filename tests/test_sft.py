@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -21,7 +20,7 @@ import common
 import data
 import tasks
 from common import IGNORE
-from helpers import adamw, clip_grads, nan_checkpoint, python, refusal, update_gap
+from helpers import adamw, clip_grads, nan_checkpoint, python, refusal, run_here, update_gap
 from model import Llama, LlamaConfig
 from tokenizer import Tokenizer
 
@@ -505,17 +504,16 @@ def test_empty_file_and_cli_error(tiny, tmp_path, monkeypatch, capsys):
                    ).startswith("error: --chat-template: [Errno 2]")
 
 
-def test_preset_follows_the_data(tiny, tmp_path):
+def test_preset_follows_the_data(tiny, tmp_path, monkeypatch, capsys):
     # data of one's own is for a real checkpoint: Tülu 3's hyperparameters (lr 5e-6, bf16 saves) unless
     # --preset tiny is asked for, never the tiny model's lr 3e-3 silently
     for preset, want, dtype in ((None, "preset tulu3-8b: lr 5e-06 linear, max length 4096, saved in bf16", "BF16"),
                                 ("tiny", "preset tiny: lr 0.003 cosine, max length 256, saved in fp32", "F32")):
         out = tmp_path / str(preset)
-        cmd = [sys.executable, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--out", str(out), "--max-steps", "1",
-               "--batch-size", "2", "--eval-n", "0", "--val-frac", "0"] + (["--preset", preset] if preset else [])
-        r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert want in r.stdout, r.stdout
+        run_here(monkeypatch, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--out", out, "--max-steps", 1,
+                 "--batch-size", 2, "--eval-n", 0, "--val-frac", 0, *(["--preset", preset] if preset else []))
+        log = capsys.readouterr().out
+        assert want in log, log
         with open(out / "model.safetensors", "rb") as f:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
         assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {dtype}
