@@ -66,6 +66,8 @@ def make(N, H, V, ignored, logits, vs, seed=0):
     for row, v in zip(range(0, N, 2), sorted({v0 for v0, _ in lp.slabs(V, slab)} | {V - 1})):
         y[y == v] = y[row].clone()
         y[row] = v
+    if logits == "shared":  # rows of W share one vector and logits are small (a flat softmax): in dX = g (w_y -
+        w = (w + w[0]) / 10  # sum_v p_v w_v) / T the shared part cancels, so the slab sums are larger than dX
     if logits == "peaked":  # half the rows put ~25 nats on their target: a softmax within 1e-7 of one-hot
         w[y[::2]] = x[::2] * (25.0 / (x[::2] ** 2).sum(1, keepdim=True))
     if ignored == "some":
@@ -179,11 +181,11 @@ def test_no_grad_and_retain_graph(impl):
 
 
 @pytest.mark.parametrize("case", [(19, 48, 1000, "large", 384, 2),  # a few slabs
-                                  (64, 48, 3000, "normal", 32, 3)])  # 47 slabs: dX's running sum
+                                  (16, 48, 3000, "shared", 32, 3)])  # 47 slabs: dX's running sum
 def test_bf16(impl, case):
     # bf16 inputs (the GPU case): error vs fp64 no worse than eager bf16 PyTorch's own error + 1e-2, however
-    # many slabs dX is summed over (a bf16 running sum, rounded once per slab, was 1.9e-2 against eager's 2.8e-3
-    # at 47 slabs; the fp32 sum gives 5.2e-3)
+    # many slabs dX is summed over (in the second case a bf16 running sum, rounded once per slab, is 2.8e-2 off
+    # against eager's 7.4e-3; the fp32 sum, 5.0e-3)
     N, H, V, logits, vs, seed = case
     x, w, y, g = make(N, H, V, "some", logits, vs, seed=seed)
     x, w = (t.detach().bfloat16().requires_grad_() for t in (x, w))
