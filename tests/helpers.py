@@ -2,7 +2,9 @@
 import os
 import runpy
 import shutil
+import signal
 import sys
+import time
 
 import pytest
 import torch
@@ -87,3 +89,16 @@ def recording_evaluate(seen):
         return {"accuracy": 0.25 * len(seen), "n": len(rows), "per_task": {}, "max_new_tokens": max_new_tokens,
                 "prompts": common.prompts_key(rows)}
     return evaluate
+
+
+def kill_at_first_checkpoint(proc, out, timeout):
+    """kill -9 (a crash, not a clean exit) the training run `proc` writing to `out` as soon as its first checkpoint
+    is there -> the step that checkpoint holds."""
+    state = os.path.join(out, "train_state.pt")
+    deadline = time.time() + timeout
+    while not os.path.isfile(state) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.isfile(state), proc.stderr.read()[-2000:]
+    return torch.load(state, weights_only=False)["step"]

@@ -9,9 +9,7 @@ import json
 import math
 import os
 import random
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
@@ -21,7 +19,8 @@ import tasks
 from common import IGNORE
 from data import epoch_order, pad_batch
 from dpo import LOSS_TYPES, encode_response, pick_pair, preference_loss
-from helpers import clip_grads, nan_checkpoint, python, recording_evaluate, refusal, run_here, update_gap
+from helpers import (clip_grads, kill_at_first_checkpoint, nan_checkpoint, python, recording_evaluate, refusal,
+                     run_here, update_gap)
 from model import Llama
 from tokenizer import Tokenizer
 
@@ -397,14 +396,7 @@ def test_two_ranks_equal_one(tiny, run_a):
 def test_resume_after_kill_equals_uninterrupted(tiny, run_a):
     out = tiny[2] / "c"
     proc = run_dpo(tiny, out, wait=False)
-    state = out / "train_state.pt"
-    deadline = time.time() + 240
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # kill -9 right after the first periodic checkpoint
-    proc.wait()
-    assert state.exists(), proc.stderr.read()[-2000:]
-    step = torch.load(state, weights_only=False)["step"]
+    step = kill_at_first_checkpoint(proc, out, 240)
     assert 3 <= step < 12
     log = run_dpo(tiny, out, "--resume")
     assert f"resumed from {out} at step {step}" in log and "reference log-probs: loaded" in log

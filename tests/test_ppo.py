@@ -9,9 +9,7 @@ stubbed) match a float64 reference trainer written from the module docstring.
 import json
 import math
 import os
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
@@ -19,7 +17,8 @@ from safetensors.torch import load_file
 
 import tasks
 from data import encode_prompt
-from helpers import adamw, clip_grads, python, recording_evaluate, refusal, run_here, update_gap
+from helpers import (adamw, clip_grads, kill_at_first_checkpoint, python, recording_evaluate, refusal, run_here,
+                     update_gap)
 from model import Llama, generate
 from ppo_rlvr import (ValueModel, adaptive_kl, advantages, gae, group_advantages, kl_estimate, masked_whiten,
                       policy_loss, ppo_loss, response_logprobs, rollout_batch, sequence_scores, token_rewards,
@@ -485,12 +484,7 @@ def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
     run_ppo(tiny, tmp_path / "full", *args)
     out = tmp_path / "killed"
     proc = run_ppo(tiny, out, *args, wait=False)
-    deadline = time.time() + 300
-    while not os.path.isfile(out / "train_state.pt") and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # a crash, not a clean exit
-    proc.wait()
-    step = torch.load(out / "train_state.pt", weights_only=False)["step"]
+    step = kill_at_first_checkpoint(proc, out, 300)
     assert step < 4, "the run finished before it could be killed"
     before = open(out / "metrics.jsonl").readlines()[:step]
     r = run_ppo(tiny, out, *args, "--resume")

@@ -8,9 +8,7 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ import common
 import data
 import tasks
 from common import IGNORE
-from helpers import adamw, clip_grads, nan_checkpoint, python, refusal, run_here, update_gap
+from helpers import adamw, clip_grads, kill_at_first_checkpoint, nan_checkpoint, python, refusal, run_here, update_gap
 from model import Llama, LlamaConfig
 from tokenizer import Tokenizer
 
@@ -312,12 +310,7 @@ def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
     run_sft(tiny, tmp_path / "full", *args)
     out = tmp_path / "killed"
     proc = run_sft(tiny, out, *args, wait=False)
-    deadline = time.time() + 120
-    while not os.path.isfile(out / "train_state.pt") and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # a crash, not a clean exit
-    proc.wait()
-    step = torch.load(out / "train_state.pt", weights_only=False)["step"]
+    step = kill_at_first_checkpoint(proc, out, 120)
     assert step < 12, "the run finished before it could be killed"
     before = open(out / "metrics.jsonl").readlines()[:step]
     r = run_sft(tiny, out, *args, "--resume")
