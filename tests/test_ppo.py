@@ -434,6 +434,19 @@ def test_settings_that_cannot_work_are_refused(tiny, tmp_path, monkeypatch, caps
     assert not os.path.exists(tmp_path / "o" / "model.safetensors")
 
 
+def test_prompts_per_step_must_split_over_ranks(tiny, tmp_path, monkeypatch, capsys):
+    # each rank samples prompts-per-step / world prompts: a remainder would be dropped silently. Three ranks are
+    # stood in for (init_distributed is the script's only source of the world size)
+    import common
+    monkeypatch.setattr(common, "init_distributed", lambda: (0, 3, torch.device("cpu")))
+    args = ["ppo_rlvr.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", tmp_path / "o"]
+    assert refusal(monkeypatch, capsys, *args, "--prompts-per-step", 8).endswith(
+        "--prompts-per-step 8 must be a multiple of the world size 3")
+    assert refusal(monkeypatch, capsys, *args, "--prompts-per-step", 6, "--samples-per-prompt", 3,
+                   "--mini-batches", 4).endswith("6 rollouts per rank (prompts-per-step / world x samples) do not split "
+                                                 "into --mini-batches 4")
+
+
 def test_more_samples_per_prompt_than_the_tiny_rollout_batch(tiny, tmp_path):
     """The tiny preset's 32 rollouts per step over n samples per prompt: n > 32 still takes one prompt
     (32 // n was 0 prompts, and a division by zero)."""
