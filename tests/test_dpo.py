@@ -443,12 +443,11 @@ def test_flags_refused_before_any_work(tiny, tmp_path, monkeypatch, capsys):
                               "--out", tmp_path / "o", *extra), extra
 
 
-def test_a_loss_that_is_not_finite_stops_the_run(tiny, tmp_path, monkeypatch):
+def test_a_loss_that_is_not_finite_stops_the_run(tiny, tmp_path, monkeypatch, capsys):
     out = tmp_path / "o"
-    with pytest.raises(SystemExit) as e:
-        run_here(monkeypatch, "dpo.py", "--ckpt", nan_checkpoint(tiny[0], tmp_path / "nan"), "--data", tiny[1],
-                 "--preset", "tiny", "--out", out, *ARGS, "--max-steps", 2, "--save-every", 1)
-    assert str(e.value) == f"error: loss is nan at step 0; stopping. The last good checkpoint (if any) is untouched in {out}"
+    err = refusal(monkeypatch, capsys, "dpo.py", "--ckpt", nan_checkpoint(tiny[0], tmp_path / "nan"), "--data", tiny[1],
+                  "--preset", "tiny", "--out", out, *ARGS, "--max-steps", 2, "--save-every", 1)
+    assert err == f"error: loss is nan at step 0; stopping. The last good checkpoint (if any) is untouched in {out}"
     assert not os.path.exists(out / "model.safetensors")
 
 

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 import tasks
 from data import encode_prompt
-from helpers import (adamw, clip_grads, kill_at_first_checkpoint, python, recording_evaluate, refusal, run_here,
-                     update_gap)
+from helpers import (adamw, clip_grads, kill_at_first_checkpoint, nan_checkpoint, python, recording_evaluate, refusal,
+                     run_here, update_gap)
 from model import Llama, generate
 from ppo_rlvr import (ValueModel, adaptive_kl, advantages, gae, group_advantages, kl_estimate, masked_whiten,
                       policy_loss, ppo_loss, response_logprobs, rollout_batch, sequence_scores, token_rewards,
@@ -432,6 +432,17 @@ def test_settings_that_cannot_work_are_refused(tiny, tmp_path, monkeypatch, caps
     assert msg in refusal(monkeypatch, capsys, "ppo_rlvr.py", "--ckpt", base, "--data", path, "--preset", "tiny",
                           "--out", tmp_path / "o", *extra)
     assert not os.path.exists(tmp_path / "o" / "model.safetensors")
+
+
+def test_a_metric_that_is_not_finite_stops_the_run(tiny, tmp_path, monkeypatch, capsys):
+    # NaN weights: the step's metrics are NaN, and the run stops before any checkpoint is written
+    out = tmp_path / "o"
+    err = refusal(monkeypatch, capsys, "ppo_rlvr.py", "--ckpt", nan_checkpoint(tiny[0], tmp_path / "nan"), "--data",
+                  tiny[1], "--preset", "tiny", "--out", out, "--steps", 2, "--prompts-per-step", 8,
+                  "--max-new-tokens", 4, "--save-every", 1, "--eval-n", 0)
+    assert err.startswith("error: non-finite metric at step 0: {'step': 0,") and "'pg_loss': nan" in err, err
+    assert err.endswith(f"stopping. The last good checkpoint (if any) is untouched in {out}")
+    assert not os.path.exists(out / "model.safetensors")
 
 
 def test_prompts_per_step_must_split_over_ranks(tiny, tmp_path, monkeypatch, capsys):
