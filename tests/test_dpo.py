@@ -236,7 +236,8 @@ def run_dpo(tiny, out, *extra, nproc=1, wait=True):
 
 def run_dpo_here(monkeypatch, capsys, tiny, out, *extra):
     """run_dpo in this process -> what it printed."""
-    run_here(monkeypatch, "dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", out, *ARGS, *extra)
+    run_here(monkeypatch, "dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", out, *ARGS,
+             *extra)
     return capsys.readouterr().out
 
 

@@ -453,9 +453,8 @@ def test_prompts_per_step_must_split_over_ranks(tiny, tmp_path, monkeypatch, cap
     args = ["ppo_rlvr.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", tmp_path / "o"]
     assert refusal(monkeypatch, capsys, *args, "--prompts-per-step", 8).endswith(
         "--prompts-per-step 8 must be a multiple of the world size 3")
-    assert refusal(monkeypatch, capsys, *args, "--prompts-per-step", 6, "--samples-per-prompt", 3,
-                   "--mini-batches", 4).endswith("6 rollouts per rank (prompts-per-step / world x samples) do not split "
-                                                 "into --mini-batches 4")
+    err = refusal(monkeypatch, capsys, *args, "--prompts-per-step", 6, "--samples-per-prompt", 3, "--mini-batches", 4)
+    assert err.endswith("6 rollouts per rank (prompts-per-step / world x samples) do not split into --mini-batches 4")
 
 
 def test_more_samples_per_prompt_than_the_tiny_rollout_batch(tiny, tmp_path):
