@@ -604,8 +604,11 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, u=None):
         logits = logits.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
     logp = logits.log_softmax(-1)                                      # (B, V), renormalised over the kept set
     # Gumbel-max: argmax(logp + g), g = -log(-log u) ~ Gumbel(0, 1), is an exact draw from softmax(logp).
-    # u = 0 gives g = -inf (never picked); fp32 u < 1 caps g at ~16.6, a tail of mass ~6e-8 we ignore.
-    tok = (logp - torch.log(-torch.log(u))).argmax(-1)
+    # fp32 u < 1 caps g at ~16.6, a tail of mass ~6e-8 we ignore. uniform_ gives u = 0 exactly about once in
+    # 2^24 draws: raw, that is g = -inf, and when it falls on the only kept token (top_k=1, or top_p keeping
+    # one token) every score is -inf and argmax returns token 0, outside the kept set, with logp -inf. So
+    # u = 0 counts as the smallest positive float instead (g ~ -4.5, still below any other draw's).
+    tok = (logp - torch.log(-torch.log(u.clamp(min=torch.finfo(u.dtype).tiny)))).argmax(-1)
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 

@@ -228,6 +228,18 @@ def test_top_p_boundary_as_transformers():
         assert logp.item() == pytest.approx(-math.log(kept), abs=1e-6), (V, top_p, kept)
 
 
+def test_zero_noise_on_the_only_kept_token_still_picks_it():
+    # uniform_ returns exactly 0 about once in 2^24 draws; on the one token that top_k=1 (or a top_p that keeps
+    # one token) leaves, the sample must still be that token, with logp 0 (not token 0 with logp -inf)
+    from model import sample
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
+    u = torch.full((1, 4), 0.5)
+    u[0, 2] = 0.0
+    for kw in (dict(top_k=1), dict(top_p=0.9)):
+        tok, logp = sample(logits, 1.0, u=u, **kw)
+        assert (tok.item(), logp.item()) == (2, 0.0), kw
+
+
 def test_bad_input(pair):
     model, _ = pair
     with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
