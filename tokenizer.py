@@ -148,6 +148,12 @@ class Tokenizer:
         if not self.eos_token_ids:
             raise ValueError("no EOS token: set eos_token in tokenizer_config.json or eos_token_id in "
                              "generation_config.json")
+        # A tokenizer.json saved after a call with truncation=True / padding (a trainer's last batch) stores
+        # them, e.g. "truncation": {"max_length": 2048}. transformers sets both per call (off unless asked:
+        # set_truncation_and_padding), so they never cut or pad a plain encode; here they would cut every
+        # conversation and pad every prompt, silently. Off, as there. (The file itself is copied unchanged.)
+        tok.no_truncation()
+        tok.no_padding()
         # A copy without the post-processor, for character offsets: GPT-2 style ByteLevel
         # post-processors trim whitespace off the offsets (trim_offsets), which would blur token
         # boundaries. Without special tokens the post-processor never changes the ids themselves.

@@ -499,6 +499,34 @@ def test_named_chat_templates(ckpts, tmp_path):
                 Tokenizer.from_pretrained(str(d))
 
 
+def test_stored_truncation_and_padding_do_not_apply(ckpts, tmp_path):
+    # A tokenizer.json saved after a call with truncation/padding keeps them (transformers writes the backend's
+    # last per-call state; fine-tunes uploaded that way carry e.g. "truncation": {"max_length": 2048}).
+    # transformers turns both off for a plain call, so the conversation and the prompt are whole and unpadded:
+    # ours must be too, not cut at max_length (every longer example silently truncated) or padded.
+    from data import encode_prompt
+    path, _ = ckpts["chatml"]
+    bent = str(tmp_path / "bent")
+    shutil.copytree(path, bent)
+    with open(os.path.join(bent, "tokenizer.json")) as f:
+        j = json.load(f)
+    pad = next(t["id"] for t in j["added_tokens"] if t["content"] == "<|endoftext|>")
+    j["truncation"] = {"direction": "Right", "max_length": 16, "strategy": "LongestFirst", "stride": 0}
+    j["padding"] = {"strategy": {"Fixed": 256}, "direction": "Left", "pad_to_multiple_of": None, "pad_id": pad,
+                    "pad_type_id": 0, "pad_token": "<|endoftext|>"}
+    with open(os.path.join(bent, "tokenizer.json"), "w") as f:
+        json.dump(j, f)
+    hf = transformers.AutoTokenizer.from_pretrained(bent)
+    tok, plain = Tokenizer.from_pretrained(bent), Tokenizer.from_pretrained(path)
+    for conv in CONVERSATIONS:
+        ids, mask = tokenize_conversation(tok, conv)
+        assert len(ids) > 16 and ids == hf.apply_chat_template(conv, return_dict=False)
+        assert (ids, mask) == tokenize_conversation(plain, conv)
+        prompt = encode_prompt(tok, conv[:2])
+        assert prompt == hf.apply_chat_template(conv[:2], add_generation_prompt=True, return_dict=False)
+        assert prompt == encode_prompt(plain, conv[:2])
+
+
 def test_source_files_carried(ckpts, tmp_path):
     # the vocabulary never changes: tokenizer.json is the source's bytes (a re-serialisation by tokenizers
     # >= 0.20 writes merges in a form older readers refuse), and the source's slow-tokenizer files,
