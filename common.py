@@ -226,7 +226,8 @@ def plan_steps(n, args, world, what="examples"):
     steps_per_epoch = n // B
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {n} {what} is fewer than one batch of {B}")
-    total = min(math.ceil(args.epochs * steps_per_epoch), args.max_steps or 10**12)
+    # rounded up, but 1.1 x 100 is 110.00000000000001 in floating point: 110 steps, not 111
+    total = min(math.ceil(round(args.epochs * steps_per_epoch, 9)), args.max_steps or 10**12)
     return B // (mB * world), steps_per_epoch, total, int(args.warmup_ratio * total)
 
 

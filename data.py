@@ -16,6 +16,7 @@ import gzip
 import json
 import os
 import random
+import re
 import zlib
 
 import torch
@@ -35,10 +36,17 @@ class DataError(ValueError):
     pass
 
 
+# a JSON escape of a UTF-16 surrogate: a pair of them is one character (an emoji), a lone one decodes to a
+# str that is not valid Unicode, which no tokenizer (nor UTF-8) takes
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def read_jsonl(path, bad=None):
     """Yields (where, row) with where = "file:line"; an empty file or a malformed line is an error
     (or, when a list `bad` is given, a malformed line is appended to it and skipped). Lines are decoded
-    here, so a stray non-UTF-8 byte is a malformed line too; a truncated .gz is an error."""
+    here, so a stray non-UTF-8 byte is a malformed line too, as is an unpaired surrogate escape ("\\ud83d",
+    half an emoji: json reads it, but the tokenizer refuses the string with a TypeError); a truncated .gz
+    is an error."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: is a directory, not a JSONL file" if os.path.isdir(path) else f"{path}: no such file")
     opener = gzip.open if path.endswith(".gz") else open
@@ -53,9 +61,14 @@ def read_jsonl(path, bad=None):
                     row = json.loads(line)
                     if not isinstance(row, dict):
                         raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-                except (UnicodeDecodeError, json.JSONDecodeError, DataError) as e:
+                    if _SURROGATE_ESCAPE.search(line):  # raises UnicodeEncodeError on a lone surrogate
+                        json.dumps(row, ensure_ascii=False).encode("utf-8")
+                except (UnicodeError, json.JSONDecodeError, DataError) as e:
                     if isinstance(e, UnicodeDecodeError):
                         err = DataError(f"{path}:{i}: not UTF-8 ({e.reason} at byte {e.start})")
+                    elif isinstance(e, UnicodeEncodeError):
+                        err = DataError(f"{path}:{i}: not valid Unicode (an unpaired surrogate "
+                                        f"\\u{ord(e.object[e.start]):04x})")
                     elif isinstance(e, json.JSONDecodeError):
                         err = DataError(f"{path}:{i}: malformed JSON ({e.msg})")
                     else:

@@ -483,6 +483,23 @@ def test_undecodable_files(tmp_path):
         data.load_mixture([str(only_bad)], data.sft_row, skip_bad=True)
 
 
+def test_unpaired_surrogate_is_a_bad_row(tiny, tmp_path):
+    # "\ud83d" alone (half of an emoji's JSON escape, as cut-off scraped text has it) is valid JSON but not valid
+    # Unicode: the tokenizer would stop the run with a TypeError traceback, even under --skip-bad. It is a bad row,
+    # named, and skippable; an escaped pair ("\ud83d\ude00", one emoji) is fine.
+    tok = Tokenizer.from_pretrained(tiny[0])
+    rows = ['{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+            '{"messages": [{"role": "user", "content": "a \\ud83d\\ude00"}, {"role": "assistant", "content": "b"}]}',
+            '{"messages": [{"role": "user", "content": "a \\ud83d"}, {"role": "assistant", "content": "b"}]}']
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    encode = lambda m: data.encode_sft(tok, m, 64)  # noqa: E731
+    with pytest.raises(data.DataError, match=f"{path}:3: not valid Unicode .an unpaired surrogate .ud83d."):
+        data.load_mixture([str(path)], data.sft_row, encode=encode)
+    got, skipped = data.load_mixture([str(path)], data.sft_row, skip_bad=True, encode=encode)
+    assert len(got) == 2 and skipped == 1
+
+
 def test_empty_file_and_cli_error(tiny, tmp_path, monkeypatch, capsys):
     empty = tmp_path / "e.jsonl"
     empty.write_text("\n")
@@ -581,6 +598,15 @@ def test_schedule_optimizer_and_step_plan():
         common.plan_steps(100, args, 3)
     args = Namespace(batch_size=8, micro_batch_size=8, epochs=2, max_steps=20, warmup_ratio=0.1)
     assert common.plan_steps(100, args, 1) == (1, 12, 20, 2)
+
+
+def test_fractional_epochs_round_up_only_a_fraction():
+    # --epochs 1.1 of 100 steps is 110 steps; 1.1 * 100 is 110.00000000000001 in floating point, which a bare
+    # ceil turns into 111 (an extra step, and a schedule stretched to it)
+    from argparse import Namespace
+    for epochs, n, want in ((1.1, 800, 110), (2.2, 400, 110), (1.3, 96, 16), (0.5, 80, 5)):
+        args = Namespace(batch_size=8, micro_batch_size=8, epochs=epochs, max_steps=None, warmup_ratio=0)
+        assert common.plan_steps(n, args, 1)[2] == want, (epochs, n)
 
 
 def test_preference_and_rlvr_rows():
