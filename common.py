@@ -312,10 +312,7 @@ def load_train_state(ckpt, model, optimizer):
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
         raise SystemExit(f"error: {path} cannot be read ({str(e).splitlines()[0]}): the checkpoint is damaged; "
                          f"run without --resume, or put back a copy of {ckpt}") from None
-    flags = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     set_state(model, optimizer, st.get("model"), st["optimizer"])
-    for g, f in zip(optimizer.param_groups, flags):  # the saved moments, but this run's --weight-decay, betas, lr
-        g.update(f)
     return st
 
 
@@ -353,17 +350,23 @@ def optimizer_state(model, optimizer):
 
 def set_state(model, optimizer, model_sd, optim_sd):
     """Full state dicts into a module (skipped when model_sd is None) and its optimizer; under FSDP rank 0's
-    are broadcast into every rank's shards (collective)."""
+    are broadcast into every rank's shards (collective). The optimizer takes the saved moments and step
+    counts but keeps this run's hyperparameters (--weight-decay, betas, lr, fused: its param groups' flags),
+    as the resume message says the flags are in effect from here."""
+    flags = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     if not is_dist():
         if model_sd is not None:
             model.load_state_dict(model_sd)
         optimizer.load_state_dict(optim_sd)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    if model_sd is not None:
-        set_model_state_dict(model, model_sd, options=opts)
-    set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+    else:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        if model_sd is not None:
+            set_model_state_dict(model, model_sd, options=opts)
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+    for g, f in zip(optimizer.param_groups, flags):
+        g.update(f)
 
 
 def log_metrics(out, row):

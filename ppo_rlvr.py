@@ -522,8 +522,11 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
            f"world {world} | device {device}")
     print0(f"preset {args.preset}: lr {args.lr} {args.schedule} (value {args.value_lr}), saved in {args.save_dtype}")
     if args.kl_target is not None:  # Ziegler's horizon is in episodes: a short run barely moves beta
-        most = (1 + 0.2 * P * n / args.kl_horizon) ** args.steps
-        print0(f"adaptive beta: at most x{most:.3g} or x{1 / most:.3g} over this run's {args.steps} steps of {P * n} "
+        # in logs: the power itself overflows a float, e.g. (1 + 0.2 x 896 / 10000) ** 44642 (tulu3-8b preset, grpo)
+        log_most = args.steps * math.log1p(0.2 * P * n / args.kl_horizon)
+        most = f"x{math.exp(log_most):.3g} or x{math.exp(-log_most):.3g}" if log_most < 700 else \
+            f"x e^{log_most:.0f} or x e^-{log_most:.0f}"
+        print0(f"adaptive beta: at most {most} over this run's {args.steps} steps of {P * n} "
                f"episodes (--kl-horizon {args.kl_horizon:g})")
     if args.advantage != "grpo" and args.kl_estimator != "k1" and args.beta > 0:
         print0(f"note: {args.kl_estimator} in the reward is a biased estimate of the KL's gradient (k3's is that of "

@@ -445,6 +445,50 @@ def test_a_metric_that_is_not_finite_stops_the_run(tiny, tmp_path, monkeypatch, 
     assert not os.path.exists(out / "model.safetensors")
 
 
+def test_adaptive_beta_bound_of_a_long_run_is_printed_not_an_overflow(tiny, tmp_path, monkeypatch, capsys):
+    """--kl-target prints how far beta can move over the run: (1 + 0.2 P n / horizon) ** steps. On the tulu3-8b
+    preset (44642 steps) with 16 samples per prompt (Tulu 3.1's GRPO) that power is past a float's range: the run
+    must still start (it stops here at its first rollout, stubbed), not die of an OverflowError."""
+    import model as model_mod
+
+    def first_rollout(*a, **kw):
+        raise SystemExit("reached the first rollout")
+    monkeypatch.setattr(model_mod, "generate", first_rollout)
+    assert refusal(monkeypatch, capsys, "ppo_rlvr.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tulu3-8b",
+                   "--out", tmp_path / "o", "--advantage", "grpo", "--prompts-per-step", 64, "--samples-per-prompt", 16,
+                   "--kl-target", 0.1) == "reached the first rollout"
+    out = capsys.readouterr().out
+    assert "adaptive beta: at most x e^905 or x e^-905 over this run's 44642 steps of 1024 episodes" in out, out
+    # a bound within range is still printed as a factor
+    assert refusal(monkeypatch, capsys, "ppo_rlvr.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny",
+                   "--out", tmp_path / "o", "--steps", 10, "--prompts-per-step", 8, "--kl-target", 0.1,
+                   "--kl-horizon", 16) == "reached the first rollout"
+    assert "adaptive beta: at most x2.59 or x0.386 over this run's 10 steps of 8 episodes" in capsys.readouterr().out
+
+
+def test_resume_takes_this_runs_weight_decay_for_both_optimizers(tiny, tmp_path, monkeypatch):
+    """A resumed run keeps the saved Adam moments but the flags it was given ("in effect from here"): the value
+    model's optimizer too, not only the policy's."""
+    import common
+    made = []
+
+    def recording(model, lr, weight_decay=0.0):
+        made.append(build(model, lr, weight_decay))
+        return made[-1]
+    build = common.build_optimizer
+    monkeypatch.setattr(common, "build_optimizer", recording)
+    args = ("ppo_rlvr.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", tmp_path / "o",
+            "--eval-n", 0, "--prompts-per-step", 8, "--max-new-tokens", 4)
+    run_here(monkeypatch, *args, "--steps", 1)
+    made.clear()
+    run_here(monkeypatch, *args, "--steps", 2, "--weight-decay", 0.1, "--resume")
+    assert len(made) == 2  # the policy's and the value model's
+    for name, opt in zip(("policy", "value model"), made):
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0], name  # matrices, then norms and biases
+        # and the saved moments were restored: 4 epochs x 1 mini-batch a step, 2 steps in all
+        assert {int(st["step"]) for st in opt.state.values()} == {8}
+
+
 def test_prompts_per_step_must_split_over_ranks(tiny, tmp_path, monkeypatch, capsys):
     # each rank samples prompts-per-step / world prompts: a remainder would be dropped silently. Three ranks are
     # stood in for (init_distributed is the script's only source of the world size)
