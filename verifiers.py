@@ -337,13 +337,15 @@ def math(response, ground_truth):
 # a wall-clock timeout.
 
 _FUNCS = {"sin", "cos", "tan", "csc", "sec", "cot", "arcsin", "arccos", "arctan", "arccsc", "arcsec",
-          "arccot", "sinh", "cosh", "tanh", "arsinh", "arcosh", "artanh", "log", "ln", "exp"}
+          "arccot", "sinh", "cosh", "tanh", "arsinh", "arcosh", "artanh", "log", "ln", "lg", "exp"}
+_INVERTIBLE = {"sin", "cos", "tan", "csc", "sec", "cot", "sinh", "cosh", "tanh"}  # \sin^{-1} x is asin(x)
 _RELATIONS = {"=", "<", ">", "le", "leq", "leqq", "leqslant", "ge", "geq", "geqq", "geqslant", "neq"}
 _PRODUCTS = {"*": "*", "cdot": "*", "times": "*", "/": "/", ":": "/", "div": "/"}
 _SKIPPED = {"left", "right", "quad", "qquad", "thinspace", "medspace", "thickspace", "negthinspace",
             "negmedspace", "negthickspace", "vrule", "vcenter", "vbox", "vskip", "vspace", "hfil"}
 # commands that are tokens of their own in the grammar (never a plain symbol like \alpha)
-_KEYWORDS = _FUNCS | _RELATIONS | {"cdot", "times", "div", "frac", "dfrac", "tfrac", "cfrac", "binom",
+# (not \cfrac: parse_latex reads it as a symbol, so the gold "\cfrac{25}{16}" is cfrac*25*16 there)
+_KEYWORDS = _FUNCS | _RELATIONS | {"cdot", "times", "div", "frac", "dfrac", "tfrac", "binom",
                                    "dbinom", "tbinom", "sqrt", "overline", "mathit", "lfloor", "rfloor",
                                    "lceil", "rceil", "int", "sum", "prod", "lim", "to", "rightarrow",
                                    "Rightarrow", "longrightarrow", "Longrightarrow", "langle", "rangle"}
@@ -431,30 +433,39 @@ class _TexParser:
     def expr(self):
         return self.loop(self.mul(), {"+": "+", "-": "-"}, self.mul)
 
-    def mul(self):
-        return self.loop(self.unary(), {("\\" + k if k.isalpha() else k): v for k, v in _PRODUCTS.items()},
-                         self.unary)
+    def mul(self, nofunc=False):
+        # nofunc: a function's argument without parentheses (the grammar's mp_nofunc), in which only the
+        # first factor of an implicit product may be a function: "\sin x\cos x" is sin(x) cos(x)
+        return self.loop(self.unary(nofunc), {("\\" + k if k.isalpha() else k): v for k, v in _PRODUCTS.items()},
+                         lambda: self.unary(nofunc))
 
-    def unary(self):
+    def unary(self, nofunc=False):
         t = self.tok()
         if t[0] == "op" and t[1] in ("+", "-"):
             self.pos = t[3]
-            x = self.unary()
+            x = self.unary(nofunc)
             return x if t[1] == "+" else ["neg", x]
-        x = self.postfix()
-        while (y := self.attempt(self.postfix)) is not None:  # implicit product: "2x", "x(1+x)"
-            x = ["*", x, y]
+        factors = [self.postfix()]
+        while (y := self.attempt(self.postfix, nofunc)) is not None:  # implicit product: "2x", "x(1+x)"
+            factors.append(y)
+        # as parse_latex (convert_postfix_list): a lone x between two factors without symbols is a times
+        # sign, so "2x3" is 6 and "4x10^5" is 400000
+        x = factors[0]
+        for i in range(1, len(factors)):
+            if not (factors[i] == ["sym", "x"] and i < len(factors) - 1
+                    and not _has_symbol(factors[i - 1]) and not _has_symbol(factors[i + 1])):
+                x = ["*", x, factors[i]]
         return x
 
-    def postfix(self):
-        x = self.power()
+    def postfix(self, nofunc=False):
+        x = self.power(nofunc)
         while self.tok()[:2] == ("op", "!"):
             self.pos = self.tok()[3]
             x = ["!", x]
         return x
 
-    def power(self):
-        x = self.comp()
+    def power(self, nofunc=False):
+        x = self.comp(nofunc)
         while self.tok()[:2] == ("op", "^"):
             save = self.pos
             self.pos = self.tok()[3]
@@ -465,8 +476,8 @@ class _TexParser:
             x = ["^", x, e]
         return x
 
-    def comp(self):
-        for alt in (self.group, self.bars, self.func, self.atom):
+    def comp(self, nofunc=False):
+        for alt in (self.group, self.bars, self.atom) if nofunc else (self.group, self.bars, self.func, self.atom):
             x = self.attempt(alt)
             if x is not None:
                 return x
@@ -491,24 +502,44 @@ class _TexParser:
         self.take({"|": "|", "\\lfloor": "\\rfloor", "\\lceil": "\\rceil"}[t])
         return [{"|": "abs", "\\lfloor": "floor", "\\lceil": "ceil"}[t], x]
 
-    def script(self, mark, func=False):
-        # "_x" / "^{...}": an atom or a braced expression after `mark`
+    def script(self, mark, func=False, greedy=True):
+        # "_x" / "^{...}": an atom or a braced expression after `mark`; -> (script, could it leave a digit)
         self.take(mark)
         t = self.tok()
-        if func and t[0] == "num" and t[1].isdigit() and len(t[1]) > 1:  # \log_28 is log base 2 of 8
-            self.pos = t[3] - 1
-            return ["num", t[1][:-1]]
-        return self.attempt(self.group, "{", "}") or self.atom()
+        if func and t[0] == "num" and t[1].isdigit() and len(t[1]) > 1:
+            if not greedy:  # \log_28: base 2 of 8
+                self.pos = t[3] - 1
+                return ["num", t[1][:-1]], True
+            return self.atom(), True
+        return self.attempt(self.group, "{", "}") or self.atom(), False
 
     def func(self):
         t = self.tok()
         name = t[1][1:]
         if t[0] == "cmd" and name in _FUNCS:  # \sin x, \log_2(8), \sin^2 x
-            self.pos = t[3]
-            base = self.attempt(self.script, "_", True)
-            sup = self.attempt(self.script, "^", True)
-            arg = self.attempt(self.group, "(", ")") or self.mul()
-            x = ["log", arg, base] if name == "log" and base else ["fn", name, arg]
+            # A number after _ or ^ keeps all its digits if an argument still follows ("\log_23+1" is
+            # log base 23 of +1), else leaves its last digit as the argument ("\log_28"): the grammar's
+            # greedy DIGIT+ loop, which exits only where continuing cannot parse. A base that leaves its
+            # last digit has no ^ after it: three tries at most, and one unless a number can split.
+            splits = None  # (base, sup) of the first try: a number that could leave its last digit?
+            for greedy_base, greedy_sup in ((True, True), (True, False), (False, False)):
+                if splits and not splits[1 if greedy_base else 0]:
+                    continue  # this try would parse as the first did
+                self.pos = t[3]
+                base, split_base = self.attempt(self.script, "_", True, greedy_base) or (None, False)
+                sup, split_sup = self.attempt(self.script, "^", True, greedy_sup) or (None, False)
+                splits = splits or (split_base, split_sup)
+                arg = self.attempt(self.group, "(", ")") or self.attempt(self.mul, True)
+                if arg is not None:
+                    break
+            else:
+                raise _NoParse
+            if name in ("log", "ln", "lg") and (base or name == "lg"):  # \ln_2 has a base too; \lg's is 10
+                x = ["log", arg, base or ["num", "10"]]
+            elif name in _INVERTIBLE and sup == ["neg", ["num", "1"]]:
+                return ["fn", "a" + name, arg]  # as parse_latex: \sin^{-1} x is asin(x), not 1/sin(x)
+            else:
+                x = ["fn", name, arg]
             return ["^", x, sup] if sup else x
         if t[0] == "cmd" and name == "sqrt":
             self.pos = t[3]
@@ -535,7 +566,7 @@ class _TexParser:
         if t[0] == "num":
             self.pos = t[3]
             return ["num", t[1]]
-        if t[0] == "cmd" and name in ("frac", "dfrac", "tfrac", "cfrac", "binom", "dbinom", "tbinom"):
+        if t[0] == "cmd" and name in ("frac", "dfrac", "tfrac", "binom", "dbinom", "tbinom"):
             self.pos = t[3]
             a, b = self.frac_arg(), self.frac_arg()
             return ["/", a, b] if "frac" in name else ["binom", a, b]
@@ -566,6 +597,15 @@ class _TexParser:
             self.pos = t[2] + 1
             return ["num", self.s[t[2]]]
         return self.group("{", "}")
+
+
+def _has_symbol(t):
+    """Does an AST hold a symbol? (As sympy's atoms(Symbol): an undefined function's name is none.)"""
+    if t[0] == "sym":
+        return True
+    if t[0] == "call":
+        return any(_has_symbol(a) for a in t[2])
+    return any(isinstance(a, list) and _has_symbol(a) for a in t[1:])
 
 
 def latex_ast(s):
@@ -603,11 +643,22 @@ def _exact(t):
     return None
 
 
+def _decimals(t):
+    """The decimal literals of an AST."""
+    if t and t[0] == "num":
+        return [t[1]] if "." in t[1] else []
+    return [d for x in t if isinstance(x, list) for d in _decimals(x)]
+
+
 def _exact_equal(a, b):
     """True/False when both ASTs are numbers sympy would compare the same way, else None (ask sympy).
-    A decimal literal is a sympy Float (53-bit), so it equals a rational iff their floats are equal."""
+    A decimal literal of up to 15 significant digits is a sympy Float of 53 bits, so it equals a rational
+    iff their floats are equal. A longer one keeps all its digits (Float("0.6666666666666666") has 16, and
+    is not 2/3), so that comparison is left to sympy."""
     va, vb = _exact(a), _exact(b)
     if va is None or vb is None:
+        return None
+    if any(len(decimal.Decimal(d).as_tuple().digits) > 15 for d in _decimals(a) + _decimals(b)):
         return None
     lone = lambda t: t[0] == "num" or (t[0] == "neg" and t[1][0] == "num")  # noqa: E731
     dec_a, dec_b = "." in json.dumps(a), "." in json.dumps(b)

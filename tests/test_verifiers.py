@@ -281,6 +281,70 @@ def test_parser_reads_numbers_as_parse_latex(s):
     assert (None if ours is None else sympy.simplify(V._to_sympy(ours, sympy))) == ref
 
 
+# Function applications as parse_latex converts them: an argument without parentheses is the grammar's
+# func_arg_noparens (only its first factor may be a function: "\ln2\ln3" is ln 2 ln 3), a number after _ or ^
+# keeps all its digits while an argument still follows (greedy DIGIT+: "\log_23+1" is log base 23 of +1),
+# \sin^{-1} is asin and \lg is log base 10 (convert_func)
+FUNCTION_CASES = [r"2\sin10\cos10", r"\ln2\ln3", r"\sin2\sqrt{3}", r"\sin\theta\cos\theta", r"\sin x\cdot\cos x",
+                  r"\ln1092\div3\ln2", r"\log_23+1", r"\log_28x", r"\log_28", r"\log_23^2", r"\sin^23x", r"\sin^23",
+                  r"\log_23\log_34", r"\log_23(x)", r"\tan^{-1}2", r"\sinh^{-1}x", r"\sin^{-1.0}x", r"\lg100",
+                  r"\ln_28"]
+
+
+@pytest.mark.skipif(_reference_parse_latex() is None, reason="needs antlr4-python3-runtime==4.11")
+@pytest.mark.parametrize("s", FUNCTION_CASES)
+def test_parser_reads_functions_as_parse_latex(s):
+    import sympy
+    ref = sympy.simplify(_reference_parse_latex()(s))
+    assert sympy.simplify(V._to_sympy(V.latex_ast(s), sympy)) == ref
+
+
+def test_math_function_answers_score_as_the_reference():
+    # (Minerva line, gold, verdict of the reference flex metric: lm-eval 0.4.3 is_equiv with sympy 1.14)
+    cases = [("2\\sin 10^\\circ\\cos 10^\\circ", "\\sin 20^\\circ", 1.0), ("\\ln 2\\ln 3", "\\ln 3\\ln 2", 1.0),
+             ("\\sin\\theta\\cos\\theta", "\\frac{\\sin 2\\theta}{2}", 1.0),
+             ("\\sin 2\\sqrt{3}", "\\sqrt{3}\\sin 2", 1.0),
+             ("\\log_2 3 + 1", "\\log_2 6", 0.0), ("\\log_2 8", "3", 1.0),
+             ("\\cos^{-1}\\frac{1}{3}", "\\arccos\\frac13", 1.0), ("\\lg 100", "2", 1.0)]
+    assert [(a, b, V.math(final(a), b)) for a, b, _ in cases] == cases
+
+
+# parse_latex's convert_postfix_list reads a lone x between two factors without symbols as a times sign
+TIMES_X_CASES = [r"2x3", r"10x10", r"4x10^{5}", r"3x3x", r"x\frac{9}{100}x\frac{9}{100}", r"2x\sqrt{3}", r"2x\pi",
+                 r"2xy", r"(2)x(3)", r"2x3x4", r"2xx3"]
+
+
+@pytest.mark.skipif(_reference_parse_latex() is None, reason="needs antlr4-python3-runtime==4.11")
+@pytest.mark.parametrize("s", TIMES_X_CASES)
+def test_parser_reads_x_between_numbers_as_parse_latex(s):
+    import sympy
+    ref = sympy.simplify(_reference_parse_latex()(s))
+    assert sympy.simplify(V._to_sympy(V.latex_ast(s), sympy)) == ref
+
+
+def test_math_x_between_numbers_scores_as_the_reference():
+    assert V.math(final("4x10^{5}"), "400000") == 1.0 and V.math(final("2x3"), "6") == 1.0
+    assert V.math(final("2x3"), "6x") == 0.0 and V.math(final("2x\\sqrt{3}"), "2\\sqrt{3}") == 1.0
+
+
+def test_long_decimals_are_compared_by_sympy():
+    # sympy keeps every significant digit of a decimal literal past 15 (Float("0.6666666666666666") has 16),
+    # so the reference finds it unequal to 2/3; up to 15 digits a literal is a double, compared in-process
+    assert V.math("$\\boxed{0.6666666666666666}$", "\\frac{2}{3}") == 0.0
+    assert V.math("$\\boxed{2.0000000000000001}$", "2") == 0.0
+    assert not V.sympy_equiv(["0.3333333333333333"], "\\frac13")
+    assert V.math("$\\boxed{0.5000000000000000}$", "\\frac12") == 1.0 and V.sympy_equiv(["0.125"], "\\frac18")
+
+
+def test_cfrac_is_a_symbol_as_in_parse_latex():
+    # parse_latex has no \cfrac (CMD_FRAC is \frac, \dfrac, \tfrac): the MATH test gold "\cfrac{25}{16}"
+    # (Algebra, Level 1) is the product cfrac*25*16 there, so only the same text matches it
+    gold = V.math_gold("$\\cfrac{5}{4}\\cdot\\cfrac{5}{4}=\\boxed{\\cfrac{25}{16}}$.")
+    answers = ("\\cfrac{25}{16}", "\\frac{25}{16}", "1.5625")
+    assert [V.math(f"$\\boxed{{{x}}}$", gold) for x in answers] == [1.0, 0.0, 0.0]
+    assert V.math("$\\boxed{\\cfrac{1}{2}}$", "\\frac{1}{2}") == 0.0
+
+
 def test_only_ascii_digits_are_numbers():
     # the references compare strings (GSM8K) or lex [0-9] (parse_latex): Arabic-Indic digits are no number
     assert V.gsm8k("The answer is \u0661\u0662", "#### 12") == 0.0 and V.gsm8k("The answer is 12", "#### 12") == 1.0
