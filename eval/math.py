@@ -11,7 +11,7 @@ MATH 4-shot chain-of-thought with "flex" scoring, the protocol Tülu 3 reports (
     last box, else the last $...$, else the whole text; Minerva-normalised) equal to the gold under
     Hendrycks' equivalence or sympy; `minerva` = OLMES exact_match: the Minerva line only, by sympy
     only, so an answer sympy cannot parse (an interval, text) never matches: the 5,000 gold answers
-    written as Minerva lines score 94.9% on it and 100% on flex (which is why Tülu 3 reports flex)
+    written as Minerva lines score 94.7% on it and 100% on flex (which is why Tülu 3 reports flex)
   - gold: the normalised content of the solution's last \\boxed{}
   - metrics: macro (mean over the 7 subjects, OLMES' suite metric) and micro (over problems); MATH-500 is
     one task in OLMES (`minerva_math_500`), so its headline is micro. Its file carries no subjects: they
