@@ -16,6 +16,7 @@ import os
 import pickle
 import random
 import shutil
+import tempfile
 
 import numpy as np
 import torch
@@ -124,15 +125,31 @@ def read_checkpoint(load, path, **kw):
         raise SystemExit(f"error: {e}") from None
 
 
-def check_out(path):
+def check_out(path, swapped=True):
     """Refuses, before any work, an --out that exists as a file (the checkpoint is a directory, made if
-    missing) or that holds the working directory (a save swaps the whole directory)."""
+    missing), that holds the working directory (a save swaps the whole directory), or that this process
+    cannot write: a checkpoint is written beside `path` and swapped in, so its parent must take a new
+    directory, and the run's logs go into `path` (swapped=False: files written into `path` only, as eval's).
+    Found otherwise, that is at the first save or log line, after the data, the sampling, the evaluation."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise SystemExit(f"error: --out {path} is a file; it must be a directory (made if missing)")
     here, out = os.path.realpath(os.getcwd()), os.path.realpath(path)
     if here == out or here.startswith(out.rstrip(os.sep) + os.sep):
         raise SystemExit(f"error: --out {path} is, or holds, the working directory; a save replaces it whole: "
                          "give the run a directory of its own")
+    where = [out] if os.path.isdir(out) else []
+    if swapped or not where:
+        where.append(os.path.dirname(out))  # (a symlinked --out: its target's, where the save swaps)
+    for at in where:
+        while not os.path.lexists(at):  # the nearest part of the path that exists: the one a makedirs writes in
+            at = os.path.dirname(at)
+        try:
+            if not os.path.isdir(at):
+                raise NotADirectoryError(f"{at} is a file")
+            tempfile.TemporaryDirectory(dir=at, prefix=".write-test-").cleanup()  # leaves nothing behind
+        except OSError as e:
+            why = f"{e.strerror} in {at}" if e.strerror else str(e)
+            raise SystemExit(f"error: cannot write {path} ({why}); give --out a directory this process can write")
 
 
 def full_state_dict(model):

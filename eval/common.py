@@ -77,8 +77,9 @@ def load_rows(path, keys, limit=None, check=None):
 
 def setup(args, name):
     """-> (model, tok, out folder). Every rank loads the whole model: bf16 on a GPU, fp32 on the CPU."""
-    if args.out:
-        check_out(args.out)
+    # the results are written after the whole generation (hours, for MATH on a large model): a folder that
+    # cannot be written stops the run now; CKPT/eval/<name> by default (a read-only checkpoint: --out)
+    check_out(args.out or os.path.join(args.ckpt, "eval", name), swapped=False)
     rank, world, device = init_distributed()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = read_checkpoint(Llama.from_pretrained, args.ckpt, device=device, dtype=dtype).eval()

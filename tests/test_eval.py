@@ -422,3 +422,28 @@ def test_cli_errors_are_one_sentence(ckpt, tmp_path, monkeypatch, capsys):
                       (["--ckpt", ckpt, "--out", str(afile)], f"error: --out {afile} is a file")]:
         # (--limit 2: were a check lost, the run would score 2 questions and the test fail quickly)
         assert refusal(monkeypatch, capsys, "eval.gsm8k", *args, "--limit", 2).startswith(msg)  # no traceback
+
+
+def test_unwritable_out_is_refused_before_generating(ckpt, tmp_path, monkeypatch, capsys):
+    # the results are written after the whole generation (hours for MATH on a large model): an output folder
+    # that cannot be made must stop the run at once, in one sentence, not in save() with everything generated
+    # lost. The default CKPT/eval/<benchmark> of a checkpoint whose eval/ cannot be a folder, and an --out
+    # through a file.
+    def no_generation(*a, **kw):
+        raise AssertionError("generated before finding that the results cannot be written")
+
+    monkeypatch.setattr(eval_common, "complete", no_generation)
+    ro = tmp_path / "ckpt"
+    shutil.copytree(ckpt, ro, ignore=shutil.ignore_patterns("eval"))  # (other tests write CKPT/eval/)
+    (ro / "eval").write_text("not a folder")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for args, out, bad in [([], ro / "eval" / "gsm8k", ro / "eval"),
+                           (["--out", afile / "gsm8k"], afile / "gsm8k", afile)]:
+        msg = refusal(monkeypatch, capsys, "eval.gsm8k", "--ckpt", ro, *args, "--limit", 2)
+        assert msg == f"error: cannot write {out} ({bad} is a file); give --out a directory this process can write"
+    assert sorted(os.listdir(tmp_path)) == ["afile", "ckpt"]  # nothing left behind
+    # a checkpoint that does not exist is still reported as such, with no folder made on the way
+    assert refusal(monkeypatch, capsys, "eval.gsm8k", "--ckpt", tmp_path / "none", "--limit", 2).startswith(
+        f"error: {tmp_path / 'none'}/config.json not found")
+    assert not (tmp_path / "none").exists()

@@ -705,6 +705,35 @@ def test_number_flags_are_checked_at_the_command_line(tiny, tmp_path, monkeypatc
                               value, "--out", tmp_path / "o")
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(tiny, tmp_path, monkeypatch, capsys):
+    # a save writes the checkpoint beside --out and swaps it in, logs go into --out: a parent that takes no new
+    # directory (a cluster's /scratch with only /scratch/$USER writable) or a path through a file would fail at
+    # the first save or log line, after the data, the sampling and the evaluation. Tests run as root, where
+    # permissions do not stop a write: an unwritable directory is stood in for by the probe failing there.
+    base, path = tiny
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    ro = tmp_path / "ro"
+    (ro / "mine").mkdir(parents=True)
+    probe = common.tempfile.TemporaryDirectory
+
+    def unwritable(*a, dir=None, **kw):
+        if os.path.realpath(dir) == str(ro):
+            raise PermissionError(13, "Permission denied")
+        return probe(*a, dir=dir, **kw)
+    monkeypatch.setattr(common.tempfile, "TemporaryDirectory", unwritable)
+    for out, why in [(afile / "run", f"{afile} is a file"), (ro / "mine", f"Permission denied in {ro}"),
+                     (ro / "new" / "run", f"Permission denied in {ro}")]:
+        err = refusal(monkeypatch, capsys, "sft.py", "--ckpt", base, "--data", path, "--preset", "tiny", "--out", out)
+        assert err == f"error: cannot write {out} ({why}); give --out a directory this process can write", err
+    (tmp_path / "link").symlink_to(ro / "mine")  # a symlinked --out: its target is swapped, beside the target
+    with pytest.raises(SystemExit, match=f"Permission denied in {ro}"):
+        common.check_out(str(tmp_path / "link"))
+    common.check_out(str(ro / "mine"), swapped=False)  # eval's results go into the folder only
+    common.check_out(str(tmp_path / "new" / "run"))
+    assert sorted(os.listdir(tmp_path)) == ["afile", "link", "ro"] and os.listdir(ro) == ["mine"]  # no probe left
+
+
 def test_bad_checkpoints_and_outputs_are_one_sentence(tiny, tmp_path, monkeypatch, capsys):
     # before any work, and without a traceback: a missing or broken --ckpt, an --out that is a file, a damaged
     # train_state.pt on --resume
