@@ -358,9 +358,9 @@ def resume(resumed, out, model, optimizer, args, total):
 
 
 def optimizer_state(model, optimizer):
-    """The optimizer's full (unsharded) state dict, on CPU (rank 0; collective under FSDP)."""
-    if not is_dist():
-        return optimizer.state_dict()
+    """The optimizer's full (unsharded) state dict, on CPU (rank 0; collective under FSDP), keyed by parameter
+    name on 1 process as on N: torch's own optimizer.state_dict() numbers the parameters instead, which
+    set_optimizer_state_dict cannot read (a 1-process checkpoint resumed under torchrun lost its Adam moments)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 

@@ -341,6 +341,20 @@ def test_two_process_run_resumes_its_sharded_state(tiny, tmp_path):
     assert update_gap(*master, Llama.from_pretrained(tiny[0]).state_dict()) < 1e-3
 
 
+def test_one_process_checkpoint_resumes_under_two(tiny, tmp_path):
+    """A checkpoint saved by a plain 1-process run resumes on 2 ranks with its Adam moments: the
+    optimizer state is keyed by parameter name either way (torch's own state_dict() numbers the parameters,
+    which set_optimizer_state_dict dropped silently, and the next save then failed with KeyError: '0')."""
+    args = ("--batch-size", 8, "--micro-batch-size", 2, "--schedule", "constant", "--warmup-ratio", 0)
+    full, out = tmp_path / "full", tmp_path / "one"
+    run_sft(tiny, full, "--max-steps", 4, *args)
+    run_sft(tiny, out, "--max-steps", 2, *args)
+    assert f"resumed from {out} at step 2" in run_sft(tiny, out, "--max-steps", 4, "--resume", *args, nproc=2).stdout
+    assert losses(str(out)) == pytest.approx(losses(str(full)), abs=1e-5)
+    ends = [Llama.from_pretrained(str(d)).state_dict() for d in (full, out)]
+    assert update_gap(*ends, Llama.from_pretrained(tiny[0]).state_dict()) < 1e-3
+
+
 def test_trim_metrics_drops_the_steps_about_to_be_redone(tmp_path):
     rows = [json.dumps({"step": k, "loss": 1.0}) + "\n" for k in range(5)]
     # the last line cut by a kill; lines that are not rows with a step (edited in by hand, say) are no step's
