@@ -306,13 +306,17 @@ def save_checkpoint(out, model, tokenizer, optimizer=None, state=None, dtype=Non
 
 
 def find_checkpoint(out):
-    """The directory to resume from (`out`), or None. A crash between replace_dir's two renames leaves the
-    last checkpoint only in out.old: it is moved back first (by rank 0), so the run's logs go on in place."""
+    """The directory to resume from (`out`, resolved), or None. A crash between replace_dir's two renames leaves
+    the last checkpoint (in a first save: the run's logs and whatever else `out` held) only in out.old: it is
+    moved back first (by rank 0), so the run's logs go on in place; left there, the next save would delete it.
+    `out` is resolved as new_dir_beside and replace_dir resolve it (a symlink's target; "a/link/../sft" is where
+    the link leads, not "a/sft"), not lexically: "out/sft/" is "out/sft", whose last checkpoint may be in
+    out/sft.old."""
     def complete(d):
         return os.path.isfile(os.path.join(d, "train_state.pt")) and os.path.isfile(os.path.join(d, "config.json"))
-    out = os.path.normpath(out)  # "out/sft/" is "out/sft", whose last checkpoint may be in out/sft.old
-    if not os.path.exists(out) and complete(out + ".old") and (not is_dist() or dist.get_rank() == 0):
-        os.rename(out + ".old", out)
+    out = os.path.realpath(out)
+    if not os.path.exists(out) and os.path.isdir(out + ".old") and (not is_dist() or dist.get_rank() == 0):
+        os.rename(out + ".old", out)  # only replace_dir makes a .old, and it deletes it once `out` is back
     if is_dist():
         dist.barrier()
     return out if complete(out) else None

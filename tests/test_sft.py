@@ -396,6 +396,28 @@ def test_resume_after_a_crash_between_the_renames(tmp_path):
     assert common.find_checkpoint(str(tmp_path / "none")) is None
 
 
+def test_resume_after_a_crash_between_the_renames_resolves_out_as_the_save_does(tmp_path):
+    # the save swaps the directory --out resolves to (a symlink's target, "sub/link/../run" where the link
+    # leads): --resume looks there too, for the checkpoint and for a .old left by a crash between the renames
+    real = tmp_path / "real"
+    (real / "deep").mkdir(parents=True)
+    (tmp_path / "sub").mkdir()
+    os.symlink(real / "deep", tmp_path / "sub" / "link")
+    os.symlink(real / "run", tmp_path / "run")  # dangling while the checkpoint is in real/run.old
+    (real / "run.old").mkdir()
+    for f in ("train_state.pt", "config.json", "metrics.jsonl"):
+        (real / "run.old" / f).write_text("x")
+    assert common.find_checkpoint(str(tmp_path / "run")) == str(real / "run")
+    assert (tmp_path / "run" / "metrics.jsonl").exists() and not (real / "run.old").exists()
+    assert common.find_checkpoint(str(tmp_path / "sub" / "link" / ".." / "run")) == str(real / "run")
+    # a crash in a first save: no checkpoint yet, but what --out held (the log, a user's files) is moved back,
+    # not left for the next save to delete
+    (tmp_path / "first.old").mkdir()
+    (tmp_path / "first.old" / "notes.txt").write_text("keep me")
+    assert common.find_checkpoint(str(tmp_path / "first")) is None
+    assert (tmp_path / "first" / "notes.txt").read_text() == "keep me"
+
+
 def test_failed_save_keeps_last_checkpoint(tiny, tmp_path, monkeypatch):
     tok = Tokenizer.from_pretrained(tiny[0])
     model = Llama.from_pretrained(tiny[0])
