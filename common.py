@@ -410,9 +410,12 @@ def trim_metrics(out, step):
             return json.loads(ln)["step"] < step
         except (json.JSONDecodeError, KeyError, TypeError):
             return False
-    keep = [ln for ln in open(path) if before(ln)]
-    with open(path, "w") as f:
+    with open(path) as f:
+        keep = [ln for ln in f if before(ln)]
+    tmp = path + ".tmp"  # written beside, then swapped in: a crash or a full disk mid-write leaves the whole log
+    with open(tmp, "w") as f:
         f.writelines(keep)
+    os.replace(tmp, path)
 
 
 def write_json(path, obj):

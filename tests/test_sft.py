@@ -363,6 +363,27 @@ def test_trim_metrics_drops_the_steps_about_to_be_redone(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == "".join(rows[:3])
 
 
+def test_trim_metrics_that_fails_midway_keeps_the_log(tmp_path, monkeypatch):
+    # the rewrite dies after the file it writes was opened (truncated): a kill, a full disk. The log of the steps
+    # before the checkpoint must survive it (a resumed run only appends to it), as any other file in --out does
+    rows = "".join(json.dumps({"step": k, "loss": 1.0}) + "\n" for k in range(5))
+    (tmp_path / "metrics.jsonl").write_text(rows)
+
+    def dies_writing(file, mode="r", *a, **k):
+        f = open(file, mode, *a, **k)
+        if "w" in mode:
+            f.close()
+            raise OSError(28, "No space left on device")
+        return f
+    monkeypatch.setattr(common, "open", dies_writing, raising=False)
+    with pytest.raises(OSError):
+        common.trim_metrics(str(tmp_path), 3)
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.jsonl").read_text() == rows
+    common.trim_metrics(str(tmp_path), 3)
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(rows.splitlines(True)[:3])
+
+
 def test_bf16_checkpoint_resumes_fp32_weights_and_drops_stale_index(tiny, tmp_path):
     # the real presets save bf16 safetensors: --resume must still continue from the fp32 master weights
     # (kept in train_state.pt), and a shard index left by an earlier, sharded save must not survive
