@@ -390,11 +390,17 @@ def set_state(model, optimizer, model_sd, optim_sd):
         g.update(f)
 
 
+def make_out(out):
+    """Makes the output directory if missing (check_out's promise): for a symlink, its target, as the saves resolve
+    it (os.makedirs of a link whose target is not there yet raises FileExistsError, after the work it follows)."""
+    os.makedirs(os.path.realpath(out), exist_ok=True)
+
+
 def log_metrics(out, row):
     """Appends one JSON line to out/metrics.jsonl (rank 0)."""
     if is_dist() and dist.get_rank() != 0:
         return
-    os.makedirs(out, exist_ok=True)
+    make_out(out)
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
 

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, check_out, cleanup, count, earlier_eval,
-                    evaluate, find_checkpoint, init_distributed, is_dist, load_model, log_metrics, lr_at, number,
-                    plan_steps, positive, print0, read_checkpoint, resume, save_checkpoint, seed_everything,
+                    evaluate, find_checkpoint, init_distributed, is_dist, load_model, log_metrics, lr_at, make_out,
+                    number, plan_steps, positive, print0, read_checkpoint, resume, save_checkpoint, seed_everything,
                     token_logprobs, write_json)
 from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_jsonl, rlvr_row
 from tokenizer import Tokenizer, tokenize_conversation
@@ -257,7 +257,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
             torch.distributed.all_gather_object(got, found)
             found = [x for g in got for x in g]
         if rank == 0:
-            os.makedirs(args.out, exist_ok=True)
+            make_out(args.out)
             with open(pairs_file + ".tmp", "w") as f:
                 f.writelines(json.dumps(row) + "\n" for _, row in sorted(found, key=lambda x: x[0]))
             os.replace(pairs_file + ".tmp", pairs_file)

@@ -327,9 +327,9 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     from tqdm import tqdm
 
     from common import (add_optim_args, all_reduce, build_optimizer, check_out, cleanup, count, earlier_eval,
-                        evaluate, find_checkpoint, full_state_dict, init_distributed, log_metrics, lr_at, number,
-                        optimizer_state, positive, print0, read_checkpoint, resume, save_checkpoint, seed_everything,
-                        set_state, write_json)
+                        evaluate, find_checkpoint, full_state_dict, init_distributed, log_metrics, lr_at, make_out,
+                        number, optimizer_state, positive, print0, read_checkpoint, resume, save_checkpoint,
+                        seed_everything, set_state, write_json)
     from data import DataError, encode_prompt, epoch_order, load_mixture, read_jsonl, rlvr_row
     from model import generate, seeded
     from tokenizer import Tokenizer
@@ -548,7 +548,7 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
             start_eval = evaluate(m0, tok, held_out, max_new_tokens=args.eval_max_new_tokens)
             del m0
             src = "evaluated now"
-        os.makedirs(args.out, exist_ok=True)
+        make_out(args.out)
         write_json(opath, start_eval)
         print0(f"start: held-out accuracy {start_eval['accuracy']:.3f} on {start_eval['n']} prompts ({src})")
 

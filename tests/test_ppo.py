@@ -489,6 +489,17 @@ def test_resume_takes_this_runs_weight_decay_for_both_optimizers(tiny, tmp_path,
         assert {int(st["step"]) for st in opt.state.values()} == {8}
 
 
+def test_out_a_symlink_to_a_directory_not_made_yet(tiny, tmp_path):
+    # the start evaluation is written to --out, made if missing: a symlink's target too (os.makedirs of the
+    # link raised FileExistsError once the start evaluation had run)
+    prompts = tmp_path / "eval.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i} a."}],
+                                           "ground_truth": LETTER_A, "dataset": "tiny_if"}) + "\n" for i in range(2)))
+    os.symlink(tmp_path / "target", tmp_path / "run")
+    run_ppo(tiny, tmp_path / "run", "--steps", 1, "--prompts-per-step", 8, "--eval-prompts", prompts, "--eval-n", 2)
+    assert {"start_eval.json", "eval.json", "model.safetensors"} <= set(os.listdir(tmp_path / "target"))
+
+
 def test_prompts_per_step_must_split_over_ranks(tiny, tmp_path, monkeypatch, capsys):
     # each rank samples prompts-per-step / world prompts: a remainder would be dropped silently. Three ranks are
     # stood in for (init_distributed is the script's only source of the world size)

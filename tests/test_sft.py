@@ -439,6 +439,13 @@ def test_resume_after_a_crash_between_the_renames_resolves_out_as_the_save_does(
     assert (tmp_path / "first" / "notes.txt").read_text() == "keep me"
 
 
+def test_out_a_symlink_to_a_directory_not_made_yet(tmp_path):
+    # --out is made if missing (check_out): a symlink's target too, where the saves write
+    os.symlink(tmp_path / "target", tmp_path / "run")
+    common.log_metrics(str(tmp_path / "run"), {"step": 0})
+    assert (tmp_path / "target" / "metrics.jsonl").read_text() == '{"step": 0}\n'
+
+
 def test_failed_save_keeps_last_checkpoint(tiny, tmp_path, monkeypatch):
     tok = Tokenizer.from_pretrained(tiny[0])
     model = Llama.from_pretrained(tiny[0])
