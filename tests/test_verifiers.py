@@ -291,9 +291,14 @@ FUNCTION_CASES = [r"2\sin10\cos10", r"\ln2\ln3", r"\sin2\sqrt{3}", r"\sin\theta\
                   r"\ln_28"]
 
 
+# parse_latex's convert_postfix_list reads a lone x between two factors without symbols as a times sign
+TIMES_X_CASES = [r"2x3", r"10x10", r"4x10^{5}", r"3x3x", r"x\frac{9}{100}x\frac{9}{100}", r"2x\sqrt{3}", r"2x\pi",
+                 r"2xy", r"(2)x(3)", r"2x3x4", r"2xx3"]
+
+
 @pytest.mark.skipif(_reference_parse_latex() is None, reason="needs antlr4-python3-runtime==4.11")
-@pytest.mark.parametrize("s", FUNCTION_CASES)
-def test_parser_reads_functions_as_parse_latex(s):
+@pytest.mark.parametrize("s", FUNCTION_CASES + TIMES_X_CASES)
+def test_parser_reads_functions_and_x_as_parse_latex(s):
     import sympy
     ref = sympy.simplify(_reference_parse_latex()(s))
     assert sympy.simplify(V._to_sympy(V.latex_ast(s), sympy)) == ref
@@ -307,19 +312,6 @@ def test_math_function_answers_score_as_the_reference():
              ("\\log_2 3 + 1", "\\log_2 6", 0.0), ("\\log_2 8", "3", 1.0),
              ("\\cos^{-1}\\frac{1}{3}", "\\arccos\\frac13", 1.0), ("\\lg 100", "2", 1.0)]
     assert [(a, b, V.math(final(a), b)) for a, b, _ in cases] == cases
-
-
-# parse_latex's convert_postfix_list reads a lone x between two factors without symbols as a times sign
-TIMES_X_CASES = [r"2x3", r"10x10", r"4x10^{5}", r"3x3x", r"x\frac{9}{100}x\frac{9}{100}", r"2x\sqrt{3}", r"2x\pi",
-                 r"2xy", r"(2)x(3)", r"2x3x4", r"2xx3"]
-
-
-@pytest.mark.skipif(_reference_parse_latex() is None, reason="needs antlr4-python3-runtime==4.11")
-@pytest.mark.parametrize("s", TIMES_X_CASES)
-def test_parser_reads_x_between_numbers_as_parse_latex(s):
-    import sympy
-    ref = sympy.simplify(_reference_parse_latex()(s))
-    assert sympy.simplify(V._to_sympy(V.latex_ast(s), sympy)) == ref
 
 
 def test_math_x_between_numbers_scores_as_the_reference():
