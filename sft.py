@@ -103,11 +103,22 @@ if args.ckpt is None and args.data is None:
     sft_rows, _, _, held_out = make_tasks(seed=args.seed)
     args.ckpt = os.path.join(os.path.dirname(os.path.normpath(args.out)) or ".", "base")
     # one writer, the other ranks read it once it is complete; a resumed run keeps the base (and tokenizer)
-    # its checkpoint was trained from
-    if rank == 0 and not (resumed and os.path.isfile(os.path.join(args.ckpt, "tokenizer.json"))):
+    # its checkpoint was trained from, if the base there still is that one: another run's --out beside this
+    # one (another --seed) rewrites the shared base with its own tokenizer, which is then made again
+    def same_tokenizer():
+        try:
+            with open(os.path.join(args.ckpt, "tokenizer.json"), "rb") as a, \
+                    open(os.path.join(resumed, "tokenizer.json"), "rb") as b:
+                return a.read() == b.read()
+        except OSError:
+            return False
+    if rank == 0 and not (resumed and same_tokenizer()):
         make_base_checkpoint(args.ckpt, sft_rows, args.seed)
     if world > 1:
         torch.distributed.barrier()
+    if resumed and not same_tokenizer():
+        raise SystemExit(f"error: --resume: the checkpoint in {args.out} was trained with another tokenizer than "
+                         f"the base {args.ckpt} made with --seed {args.seed}")
 elif args.ckpt is None or args.data is None:
     raise SystemExit("give both --ckpt and --data (or neither, for the built-in tiny default)")
 ckpt = args.ckpt
