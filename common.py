@@ -352,6 +352,12 @@ def resume(resumed, out, model, optimizer, args, total):
                    if k in saved and saved[k] != v and k != "resume"]
         if changed:  # as the flags say from here on (data order, schedule, ...): said, not silent
             print0("--resume: flags that differ from the saved run's, in effect from here: " + ", ".join(changed))
+        if st["step"] < total and (not is_dist() or dist.get_rank() == 0):
+            # a finished run resumed for more steps: its eval.json scores weights about to change, and a save
+            # would carry it along beside the new ones (a later stage would take it as its starting accuracy,
+            # pipeline.py as this stage's); the run writes its own at the end
+            if os.path.isfile(os.path.join(out, "eval.json")):
+                os.remove(os.path.join(out, "eval.json"))
     elif not is_dist() or dist.get_rank() == 0:  # an earlier run's results in this directory are not this run's
         for f in ("eval.json", "start_eval.json"):
             if os.path.isfile(os.path.join(out, f)):

@@ -908,7 +908,9 @@ def test_resume_says_what_changed_and_refuses_what_cannot_be(tiny, tmp_path, mon
     assert "in effect from here: --batch-size 16 (saved: 8)\n" in capsys.readouterr().out
     assert opt.param_groups[0]["weight_decay"] == 0.5
     assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 4
-    assert all(os.path.isfile(os.path.join(out, f)) for f in ("eval.json", "start_eval.json", "eval/gsm8k.json"))
+    assert all(os.path.isfile(os.path.join(out, f)) for f in ("start_eval.json", "eval/gsm8k.json"))
+    # but not the run's own final evaluation: the weights it scored are about to change
+    assert not os.path.exists(os.path.join(out, "eval.json"))
     # a fresh run in the same directory: a new log, and no evaluation that is not of its own model
     assert common.resume(None, out, model, opt, args, 6) == {"step": 0}
     assert not {"eval.json", "start_eval.json", "eval"} & set(os.listdir(out)) and "config.json" in os.listdir(out)
@@ -916,3 +918,29 @@ def test_resume_says_what_changed_and_refuses_what_cannot_be(tiny, tmp_path, mon
     monkeypatch.chdir(out)
     assert refusal(monkeypatch, capsys, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", "."
                    ).startswith("error: --out . is, or holds, the working")
+
+
+def test_resumed_default_run_keeps_its_tokenizer_when_a_sibling_run_rewrote_the_base(tmp_path, monkeypatch):
+    """The built-in default puts its base (and tokenizer) in --out's parent: a run with another --seed beside
+    it rewrites that base with another tokenizer; resuming the first run must still encode with its own."""
+    a, b = tmp_path / "sft", tmp_path / "sft_seed1"
+    run_here(monkeypatch, "sft.py", "--out", a, "--max-steps", 1, "--eval-n", 0, "--val-frac", 0)
+    own = open(a / "tokenizer.json", "rb").read()
+    run_here(monkeypatch, "sft.py", "--out", b, "--seed", 1, "--max-steps", 1, "--eval-n", 0, "--val-frac", 0)
+    assert open(tmp_path / "base" / "tokenizer.json", "rb").read() != own  # the shared base is seed 1's now
+    run_here(monkeypatch, "sft.py", "--out", a, "--resume", "--max-steps", 2, "--eval-n", 0, "--val-frac", 0)
+    assert open(a / "tokenizer.json", "rb").read() == own
+
+
+def test_a_finished_run_resumed_for_more_steps_drops_its_evaluation(tmp_path, monkeypatch):
+    """eval.json scores the weights of the run that wrote it; resumed for more steps with the evaluation off,
+    the directory must not go on holding it beside other weights (DPO/PPO take it as their start's accuracy)."""
+    a = tmp_path / "sft"
+    run_here(monkeypatch, "sft.py", "--out", a, "--max-steps", 1, "--eval-n", 2, "--val-frac", 0)
+    assert os.path.isfile(a / "eval.json")
+    run_here(monkeypatch, "sft.py", "--out", a, "--resume", "--max-steps", 2, "--eval-n", 0, "--val-frac", 0)
+    assert not os.path.exists(a / "eval.json")
+    # resumed with nothing left to train, the weights are those it scored: kept
+    run_here(monkeypatch, "sft.py", "--out", a, "--resume", "--max-steps", 2, "--eval-n", 2, "--val-frac", 0)
+    run_here(monkeypatch, "sft.py", "--out", a, "--resume", "--max-steps", 2, "--eval-n", 0, "--val-frac", 0)
+    assert os.path.isfile(a / "eval.json")
