@@ -322,19 +322,61 @@ def find_checkpoint(out):
     return out if complete(out) else None
 
 
-def load_train_state(ckpt, model, optimizer):
-    """Restores the optimizer from ckpt/train_state.pt, and the fp32 master weights when the
-    checkpoint's safetensors were saved rounded (bf16); returns the rest of the saved state."""
-    # memory-mapped: at 8B the file holds ~96 GB (fp32 weights and Adam moments) and every rank opens it;
-    # mapped, they share the page cache, and only rank 0's tensors (broadcast from there) are ever read
+def read_train_state(ckpt):
+    """ckpt/train_state.pt, memory-mapped: at 8B the file holds ~96 GB (fp32 weights and Adam moments) and every
+    rank opens it; mapped, they share the page cache, and only the tensors used (rank 0's) are ever read."""
     path = os.path.join(ckpt, "train_state.pt")
     try:
-        st = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
         raise SystemExit(f"error: {path} cannot be read ({str(e).splitlines()[0]}): the checkpoint is damaged; "
                          f"run without --resume, or put back a copy of {ckpt}") from None
+
+
+def load_train_state(ckpt, model, optimizer):
+    """Restores the optimizer from ckpt/train_state.pt, and the fp32 master weights when the
+    checkpoint's safetensors were saved rounded (bf16); returns the rest of the saved state."""
+    st = read_train_state(ckpt)
     set_state(model, optimizer, st.get("model"), st["optimizer"])
     return st
+
+
+def fingerprint(ckpt, whole=64 * 2**20, blocks=64, block=64 * 2**10):
+    """A hash of the weights of HF checkpoint `ckpt`: config.json and every *.safetensors file, read whole up to
+    `whole` bytes, past that its size, header (names, shapes, offsets) and `blocks` evenly spaced blocks of
+    `block` bytes (4 MiB of a 16 GB file: a training step moves nearly every weight, so a retrained checkpoint
+    differs in them). The same wherever the checkpoint is copied to, unlike its files' times."""
+    h = hashlib.sha256()
+    for f in sorted(os.listdir(ckpt)):
+        if not (f.endswith(".safetensors") or f == "config.json"):
+            continue
+        path = os.path.join(ckpt, f)
+        size = os.path.getsize(path)
+        h.update(f"|{f}:{size}|".encode())
+        with open(path, "rb") as fh:
+            if size <= whole:
+                h.update(fh.read())
+                continue
+            n = int.from_bytes(fh.read(8), "little")  # safetensors: a u64 header length, then the JSON header
+            h.update(fh.read(min(n, whole)))
+            for k in range(blocks):
+                fh.seek(8 + n + max(0, size - 8 - n - block) * k // (blocks - 1))
+                h.update(fh.read(block))
+    return h.hexdigest()
+
+
+def same_start(resumed, out, ckpt):
+    """-> fingerprint(ckpt), for the run's saved state ("start"). DPO and PPO keep their starting checkpoint as the
+    reference of their KL term, loaded again from --ckpt on --resume: a checkpoint retrained (or replaced) in place
+    since the run started would make the resumed policy pull toward another model than the one it left, so
+    resuming then is refused."""
+    fp = fingerprint(ckpt)
+    saved = read_train_state(resumed).get("start") if resumed else None
+    if saved is not None and saved != fp:
+        raise SystemExit(f"error: {ckpt} is not the checkpoint the run in {out} started from (its weights have "
+                         "changed since), and it is this run's reference; pass the one it started from as --ckpt, "
+                         "or start afresh without --resume")
+    return fp
 
 
 def resume(resumed, out, model, optimizer, args, total):

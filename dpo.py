@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, check_out, cleanup, count, earlier_eval,
                     evaluate, find_checkpoint, init_distributed, is_dist, load_model, log_metrics, lr_at, make_out,
-                    number, plan_steps, positive, print0, read_checkpoint, resume, save_checkpoint, seed_everything,
-                    token_logprobs, write_json)
+                    number, plan_steps, positive, print0, read_checkpoint, resume, same_start, save_checkpoint,
+                    seed_everything, token_logprobs, write_json)
 from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_jsonl, rlvr_row
 from tokenizer import Tokenizer, tokenize_conversation
 
@@ -222,6 +222,8 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     resumed = find_checkpoint(args.out) if args.resume else None
     if args.resume and resumed is None:
         print0(f"--resume: no checkpoint in {args.out}, starting fresh")
+    # the reference is --ckpt as it is now: a resumed run refuses one that changed since it started
+    start_fp = same_start(resumed if args.loss_type != "simpo" else None, args.out, args.ckpt)
     tok = read_checkpoint(Tokenizer.from_pretrained, args.ckpt)
     model = load_model(args.ckpt, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile)
     pairs_file = os.path.join(args.out, "pairs.jsonl")
@@ -333,14 +335,10 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
 
     ref = torch.zeros(N, 2, dtype=torch.float64)  # (N, 2) summed log pi_ref: chosen, rejected
     if args.loss_type != "simpo":
-        # key: the checkpoint (path, and its files' names, sizes and times: a retrained checkpoint misses),
-        # the exact token ids and targets of every pair (data, tokenizer, template, max length), max length,
-        # and the device type (bf16 compute on CUDA, fp32 on the CPU)
-        h = hashlib.sha256(f"{os.path.realpath(args.ckpt)}|{args.max_len}|{device.type}".encode())
-        for f in sorted(os.listdir(args.ckpt)):
-            if f.endswith(".safetensors") or f == "config.json":
-                st = os.stat(os.path.join(args.ckpt, f))
-                h.update(f"|{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+        # key: the checkpoint's weights (a retrained checkpoint misses), the exact token ids and targets of every
+        # pair (data, tokenizer, template, max length), max length, and the device type (bf16 compute on CUDA,
+        # fp32 on the CPU)
+        h = hashlib.sha256(f"{start_fp}|{args.max_len}|{device.type}".encode())
         for c, r in pairs:
             for ids, labels in (c, r):
                 h.update(np.asarray(ids + [-1] + labels + [-2], dtype=np.int64).tobytes())
@@ -431,9 +429,10 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
         log_metrics(args.out, row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.3f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-            save_checkpoint(args.out, model, tok, opt, {"step": step + 1, "args": vars(args)}, dtype=save_dtype)
+            save_checkpoint(args.out, model, tok, opt, {"step": step + 1, "args": vars(args), "start": start_fp},
+                            dtype=save_dtype)
 
-    save_checkpoint(args.out, model, tok, opt, {"step": total, "args": vars(args)}, dtype=save_dtype)
+    save_checkpoint(args.out, model, tok, opt, {"step": total, "args": vars(args), "start": start_fp}, dtype=save_dtype)
     write_json(os.path.join(args.out, "args.json"), vars(args))
     if held_out is not None:
         res = evaluate(model, tok, held_out, max_new_tokens=args.eval_max_new_tokens)

@@ -81,6 +81,12 @@ def nan_checkpoint(src, dst):
     return str(dst)
 
 
+def perturb_in_place(ckpt):
+    """Checkpoint `ckpt`'s weights changed in place, as retraining it would: every tensor nudged, the file rewritten."""
+    path = os.path.join(ckpt, "model.safetensors")
+    save_file({k: v + 1e-3 for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+
+
 def recording_evaluate(seen):
     """A stand-in for common.evaluate that appends the weights it scored (layer 0's q_proj) to `seen` and gives
     its k-th call (from 1) accuracy 0.25 k, keyed to the rows it was given."""

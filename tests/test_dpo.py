@@ -19,8 +19,8 @@ import tasks
 from common import IGNORE
 from data import epoch_order, pad_batch
 from dpo import LOSS_TYPES, encode_response, pick_pair, preference_loss
-from helpers import (clip_grads, kill_at_first_checkpoint, nan_checkpoint, python, recording_evaluate, refusal,
-                     run_here, update_gap)
+from helpers import (clip_grads, kill_at_first_checkpoint, nan_checkpoint, perturb_in_place, python, recording_evaluate,
+                     refusal, run_here, update_gap)
 from model import Llama
 from tokenizer import Tokenizer
 
@@ -604,3 +604,68 @@ def test_held_out_accuracy_with_data_files(tiny, tmp_path, monkeypatch, capsys):
     assert len(seen) == 2 and torch.equal(seen[0], start) and not torch.equal(seen[1], start)
     ev = json.load(open(out / "eval.json"))
     assert (ev["accuracy"], ev["n"], ev["start"]["accuracy"], ev["start"]["n"]) == (0.5, 2, 0.25, 2)
+
+
+def test_resume_follows_a_copied_start_and_refuses_a_retrained_one(tiny, tmp_path, monkeypatch, capsys):
+    """The reference is --ckpt, read again on --resume. A copy of it elsewhere (another path, other file times)
+    is the same model: its cached reference log-probs are loaded. The start retrained in place since the run
+    began would give the resumed policy another reference (the cache key misses and the log-probs come from the
+    new model): refused, in one sentence, before any work."""
+    import shutil
+    sft, out = tmp_path / "sft", tmp_path / "o"
+    shutil.copytree(tiny[0], sft)
+    args = ("dpo.py", "--data", tiny[1], "--preset", "tiny", "--out", out, *ARGS)
+    run_here(monkeypatch, *args, "--ckpt", sft, "--max-steps", 1)
+    capsys.readouterr()
+    moved = tmp_path / "moved"
+    shutil.copytree(sft, moved, copy_function=shutil.copy)  # new file times
+    run_here(monkeypatch, *args, "--ckpt", moved, "--max-steps", 2, "--resume")
+    log = capsys.readouterr().out
+    assert f"resumed from {out} at step 1" in log and "reference log-probs: loaded" in log
+    perturb_in_place(sft)
+    assert refusal(monkeypatch, capsys, *args, "--ckpt", sft, "--max-steps", 3, "--resume") == (
+        f"error: {sft} is not the checkpoint the run in {out} started from (its weights have changed since), and "
+        "it is this run's reference; pass the one it started from as --ckpt, or start afresh without --resume")
+    assert [m["step"] for m in metrics(out)] == [0, 1]  # nothing was done
+    # SimPO has no reference: the same checkpoint resumes
+    run_here(monkeypatch, *args, "--ckpt", moved, "--max-steps", 1, "--loss-type", "simpo", "--out", tmp_path / "s")
+    perturb_in_place(moved)
+    run_here(monkeypatch, *args, "--ckpt", moved, "--max-steps", 2, "--loss-type", "simpo", "--out", tmp_path / "s",
+             "--resume")
+    assert [m["step"] for m in metrics(tmp_path / "s")] == [0, 1]
+
+
+@pytest.mark.parametrize("size", [1000, 300_000])
+def test_fingerprint_sees_any_retraining_and_no_copy(tmp_path, size):
+    """common.fingerprint: the same for a copy, different once weights change. Files up to `whole` bytes are hashed
+    whole (a change anywhere tells); past that, the header and evenly spaced blocks (a change in a block, or in
+    the header's shapes, tells). Here whole = 4096 and 8 blocks of 256 bytes."""
+    import shutil
+    from safetensors.torch import save_file
+    from common import fingerprint
+    fp = lambda d: fingerprint(d, whole=4096, blocks=8, block=256)  # noqa: E731
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "config.json").write_text('{"hidden_size": 8}')
+    w = torch.arange(size // 4, dtype=torch.float32)
+    save_file({"w": w}, a / "model.safetensors")
+    (a / "tokenizer.json").write_text("{}")
+    b = tmp_path / "b"
+    shutil.copytree(a, b, copy_function=shutil.copy)
+    (b / "tokenizer.json").write_text('{"other": 1}')  # not weights
+    assert fp(a) == fp(b)
+    save_file({"w": w + 1}, b / "model.safetensors")  # retrained: every weight moved
+    assert fp(a) != fp(b)
+    save_file({"w": w}, b / "model.safetensors")
+    (b / "config.json").write_text('{"hidden_size": 9}')
+    assert fp(a) != fp(b)
+    (b / "config.json").write_text('{"hidden_size": 8}')
+    one = w.clone()
+    one[-1] += 1  # the last weight: inside the whole file when small, in the last sampled block when large
+    save_file({"w": one}, b / "model.safetensors")
+    assert fp(a) != fp(b)
+    if size > 4096:  # a weight between the blocks is not read: the sampling, shown
+        one = w.clone()
+        one[(size // 4) // 16] += 1
+        save_file({"w": one}, b / "model.safetensors")
+        assert fp(a) == fp(b)

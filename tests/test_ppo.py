@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 import tasks
 from data import encode_prompt
-from helpers import (adamw, clip_grads, kill_at_first_checkpoint, nan_checkpoint, python, recording_evaluate, refusal,
-                     run_here, update_gap)
+from helpers import (adamw, clip_grads, kill_at_first_checkpoint, nan_checkpoint, perturb_in_place, python,
+                     recording_evaluate, refusal, run_here, update_gap)
 from model import Llama, generate
 from ppo_rlvr import (ValueModel, adaptive_kl, advantages, gae, group_advantages, kl_estimate, masked_whiten,
                       policy_loss, ppo_loss, response_logprobs, rollout_batch, sequence_scores, token_rewards,
@@ -848,3 +848,22 @@ def test_start_accuracy_is_the_start_checkpoints(tiny, tmp_path, monkeypatch):
     seen.clear()
     run_here(monkeypatch, "ppo_rlvr.py", *args, "--steps", 3, "--resume")
     assert len(seen) == 1 and not torch.equal(seen[0], start)
+
+
+def test_resume_refuses_a_start_retrained_since(tiny, tmp_path, monkeypatch, capsys):
+    """The KL term's reference is --ckpt, loaded again on --resume: a checkpoint retrained in place since the run
+    began would be another model (the policy would be pulled toward weights it never started from). Refused in
+    one sentence; without a KL term (--beta 0) there is no reference and the run resumes."""
+    import shutil
+    sft, out = tmp_path / "sft", tmp_path / "o"
+    shutil.copytree(tiny[0], sft)
+    args = ("ppo_rlvr.py", "--ckpt", sft, "--data", tiny[1], "--preset", "tiny", "--eval-n", 0, "--prompts-per-step",
+            8, "--max-new-tokens", 4, "--advantage", "grpo")
+    run_here(monkeypatch, *args, "--out", out, "--steps", 1)
+    run_here(monkeypatch, *args, "--out", tmp_path / "b0", "--steps", 1, "--beta", 0)
+    perturb_in_place(sft)
+    assert refusal(monkeypatch, capsys, *args, "--out", out, "--steps", 2, "--resume") == (
+        f"error: {sft} is not the checkpoint the run in {out} started from (its weights have changed since), and "
+        "it is this run's reference; pass the one it started from as --ckpt, or start afresh without --resume")
+    run_here(monkeypatch, *args, "--out", tmp_path / "b0", "--steps", 2, "--beta", 0, "--resume")
+    assert [m["step"] for m in metrics(str(tmp_path / "b0"))] == [0, 1]
