@@ -365,6 +365,25 @@ def fingerprint(ckpt, whole=64 * 2**20, blocks=64, block=64 * 2**10):
     return h.hexdigest()
 
 
+def same_stage(resumed, out, stage):
+    """Refuses to resume another script's checkpoint (`stage`: "sft", "dpo" or "rlvr", saved in train_state.pt;
+    one saved before it was recorded passes): dpo.py --resume --out out/sft would otherwise load the SFT run's
+    weights and Adam moments as this run's, at its step, and train on from there under another objective."""
+    saved = read_train_state(resumed).get("stage") if resumed else None
+    if saved is not None and saved != stage:
+        raise SystemExit(f"error: --resume: the checkpoint in {out} was saved by the {saved} stage, not by {stage}; "
+                         "give this run an --out of its own (another stage's output goes in --ckpt)")
+
+
+def apart_from_start(out, ckpt):
+    """Refuses an --out that is --ckpt (the same directory, however named) in a run whose KL reference is --ckpt:
+    the first save would replace the reference with the policy, and a --resume would then be refused for good
+    (same_start), the checkpoint it started from being gone."""
+    if os.path.realpath(out) == os.path.realpath(ckpt):
+        raise SystemExit(f"error: --out {out} is --ckpt {ckpt}, this run's reference: a save would overwrite it; "
+                         "give the run an --out of its own")
+
+
 def same_start(resumed, out, ckpt):
     """-> fingerprint(ckpt), for the run's saved state ("start"). DPO and PPO keep their starting checkpoint as the
     reference of their KL term, loaded again from --ckpt on --resume: a checkpoint retrained (or replaced) in place

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, check_out, cleanup, count, earlier_eval,
-                    evaluate, find_checkpoint, init_distributed, is_dist, load_model, log_metrics, lr_at, make_out,
-                    number, plan_steps, positive, print0, read_checkpoint, resume, same_start, save_checkpoint,
-                    seed_everything, token_logprobs, write_json)
+from common import (IGNORE, add_optim_args, all_reduce, apart_from_start, build_optimizer, check_out, cleanup, count,
+                    earlier_eval, evaluate, find_checkpoint, init_distributed, is_dist, load_model, log_metrics, lr_at,
+                    make_out, number, plan_steps, positive, print0, read_checkpoint, resume, same_stage, same_start,
+                    save_checkpoint, seed_everything, token_logprobs, write_json)
 from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_jsonl, rlvr_row
 from tokenizer import Tokenizer, tokenize_conversation
 
@@ -220,9 +220,12 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     seed_everything(args.seed + rank)
 
     resumed = find_checkpoint(args.out) if args.resume else None
+    same_stage(resumed, args.out, "dpo")
     if args.resume and resumed is None:
         print0(f"--resume: no checkpoint in {args.out}, starting fresh")
     # the reference is --ckpt as it is now: a resumed run refuses one that changed since it started
+    if args.loss_type != "simpo":
+        apart_from_start(args.out, args.ckpt)
     start_fp = same_start(resumed if args.loss_type != "simpo" else None, args.out, args.ckpt)
     tok = read_checkpoint(Tokenizer.from_pretrained, args.ckpt)
     model = load_model(args.ckpt, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile)
@@ -239,7 +242,8 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
         outs, _ = generate(model, prompts, args.max_new_tokens, temperature=args.sample_temperature,
                            eos_token_ids=tok.eos_token_ids, seed=seeded("pairs", args.seed, rank),
                            batch_size=256)
-        found, n = [], torch.zeros(4, dtype=torch.float64)  # (correct samples, no correct, all correct, pairs)
+        # (correct samples, no correct, all correct, pairs, correct and wrong but every correct one cut off)
+        found, n = [], torch.zeros(5, dtype=torch.float64)
         eos = set(tok.eos_token_ids)
         for j, i in enumerate(mine):
             r = rows[i]
@@ -249,7 +253,8 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
                 samples.append((verify(r["dataset"], text, r["ground_truth"]), text, bool(out) and out[-1] in eos))
             s = [x[0] >= 1.0 for x in samples]
             pair = pick_pair(samples)
-            n += torch.tensor([sum(s), not any(s), all(s), pair is not None], dtype=torch.float64)
+            cut = any(s) and not all(s) and pair is None  # pick_pair takes no chosen without EOS
+            n += torch.tensor([sum(s), not any(s), all(s), pair is not None, cut], dtype=torch.float64)
             if pair is not None:
                 found.append((i, {"chosen": r["messages"] + [{"role": "assistant", "content": pair[0]}],
                                   "rejected": r["messages"] + [{"role": "assistant", "content": pair[1]}],
@@ -278,16 +283,18 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
             else:
                 rows = prefs[:args.n_prompts]
                 t0 = time.time()
-                ok, none_ok, all_ok, n_pairs = on_policy_pairs(rows)
+                ok, none_ok, all_ok, n_pairs, n_cut = on_policy_pairs(rows)
                 K = args.samples_per_prompt
                 print0(f"on-policy pairs: {len(rows)} prompts x {K} samples (temperature {args.sample_temperature}) in "
                        f"{time.time() - t0:.0f}s; {ok / (len(rows) * K):.1%} of samples verified correct; "
-                       f"{int(n_pairs)} pairs; no pair for {int(none_ok)} prompts with no correct sample and "
-                       f"{int(all_ok)} with no wrong one")
+                       f"{int(n_pairs)} pairs; no pair for {int(none_ok)} prompts with no correct sample, "
+                       f"{int(all_ok)} with no wrong one and {int(n_cut)} whose correct samples were all cut off at "
+                       f"--max-new-tokens {args.max_new_tokens} (no EOS)")
                 if n_pairs == 0:
-                    raise SystemExit(f"error: no preference pair: no prompt got both a verified and a wrong answer "
-                                     f"from {args.ckpt}; sample more (--samples-per-prompt, --n-prompts) or train "
-                                     "the SFT model longer")
+                    raise SystemExit(f"error: no preference pair: no prompt got both a verified answer that ended "
+                                     f"with EOS and a wrong one from {args.ckpt}; sample more (--samples-per-prompt, "
+                                     "--n-prompts), allow longer answers (--max-new-tokens) or train the SFT model "
+                                     "longer")
             spec = [pairs_file]
         else:
             spec = args.data
@@ -429,10 +436,11 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
         log_metrics(args.out, row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.3f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-            save_checkpoint(args.out, model, tok, opt, {"step": step + 1, "args": vars(args), "start": start_fp},
-                            dtype=save_dtype)
+            save_checkpoint(args.out, model, tok, opt, {"step": step + 1, "args": vars(args), "start": start_fp,
+                                                        "stage": "dpo"}, dtype=save_dtype)
 
-    save_checkpoint(args.out, model, tok, opt, {"step": total, "args": vars(args), "start": start_fp}, dtype=save_dtype)
+    save_checkpoint(args.out, model, tok, opt, {"step": total, "args": vars(args), "start": start_fp, "stage": "dpo"},
+                    dtype=save_dtype)
     write_json(os.path.join(args.out, "args.json"), vars(args))
     if held_out is not None:
         res = evaluate(model, tok, held_out, max_new_tokens=args.eval_max_new_tokens)

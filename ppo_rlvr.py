@@ -326,10 +326,10 @@ class ValueModel(nn.Module):
 if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions above without side effects
     from tqdm import tqdm
 
-    from common import (add_optim_args, all_reduce, build_optimizer, check_out, cleanup, count, earlier_eval,
-                        evaluate, find_checkpoint, full_state_dict, init_distributed, log_metrics, lr_at, make_out,
-                        number, optimizer_state, positive, print0, read_checkpoint, resume, same_start,
-                        save_checkpoint, seed_everything, set_state, write_json)
+    from common import (add_optim_args, all_reduce, apart_from_start, build_optimizer, check_out, cleanup, count,
+                        earlier_eval, evaluate, find_checkpoint, full_state_dict, init_distributed, log_metrics, lr_at,
+                        make_out, number, optimizer_state, positive, print0, read_checkpoint, resume, same_stage,
+                        same_start, save_checkpoint, seed_everything, set_state, write_json)
     from data import DataError, encode_prompt, epoch_order, load_mixture, read_jsonl, rlvr_row
     from model import generate, seeded
     from tokenizer import Tokenizer
@@ -477,6 +477,7 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
         raise SystemExit(f"error: {len(rows)} prompts{long} is fewer than one batch of --prompts-per-step {P}")
 
     resumed = find_checkpoint(args.out) if args.resume else None
+    same_stage(resumed, args.out, "rlvr")
     if args.resume and resumed is None:
         print0(f"--resume: no checkpoint in {args.out}, starting fresh")
     # the reference is the frozen starting policy, resident and sharded like the policy (1/world of the
@@ -484,6 +485,8 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     # every step). Not needed at all when the KL term is off. It is --ckpt as it is now: a resumed run
     # refuses one that changed since it started.
     need_ref = args.beta > 0 or args.kl_target is not None
+    if need_ref:
+        apart_from_start(args.out, args.ckpt)
     start_fp = same_start(resumed if need_ref else None, args.out, args.ckpt)
     policy = load_model(resumed or args.ckpt, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile)
     policy.train()
@@ -700,11 +703,12 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
                              f"checkpoint (if any) is untouched in {args.out}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save_checkpoint(args.out, policy, tok, popt, {"step": step + 1, "beta": beta, "value": value_state(),
-                                                          "args": vars(args), "start": start_fp},
+                                                          "args": vars(args), "start": start_fp, "stage": "rlvr"},
                             dtype=save_dtype)
 
     save_checkpoint(args.out, policy, tok, popt, {"step": args.steps, "beta": beta, "value": value_state(),
-                                                  "args": vars(args), "start": start_fp}, dtype=save_dtype)
+                                                  "args": vars(args), "start": start_fp, "stage": "rlvr"},
+                    dtype=save_dtype)
     write_json(os.path.join(args.out, "args.json"), vars(args))
     if held_out is not None:
         res = evaluate(policy, tok, held_out, max_new_tokens=args.eval_max_new_tokens)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, check_out, cleanup, count, evaluate,
                     find_checkpoint, init_distributed, load_model, log_metrics, lr_at, number, plan_steps, positive,
-                    print0, read_checkpoint, resume, save_checkpoint, seed_everything, write_json)
+                    print0, read_checkpoint, resume, same_stage, save_checkpoint, seed_everything, write_json)
 from data import DataError, encode_sft, epoch_order, load_mixture, pack_batch, pad_batch, sft_row
 from tokenizer import Tokenizer
 
@@ -95,6 +95,7 @@ seed_everything(args.seed + rank)
 
 held_out = None
 resumed = find_checkpoint(args.out) if args.resume else None
+same_stage(resumed, args.out, "sft")
 if args.resume and resumed is None:
     print0(f"--resume: no checkpoint in {args.out}, starting fresh")
 if args.ckpt is None and args.data is None:
@@ -251,9 +252,11 @@ for step in bar:
     log_metrics(args.out, row)
     bar.set_postfix(loss=f"{loss_step:.4f}", lr=f"{row['lr']:.1e}", **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}))
     if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-        save_checkpoint(args.out, model, tok, opt, {"step": step + 1, "args": vars(args)}, dtype=save_dtype)
+        save_checkpoint(args.out, model, tok, opt, {"step": step + 1, "args": vars(args), "stage": "sft"},
+                        dtype=save_dtype)
 
-save_checkpoint(args.out, model, tok, opt, {"step": total, "args": vars(args)}, dtype=save_dtype)
+save_checkpoint(args.out, model, tok, opt, {"step": total, "args": vars(args), "stage": "sft"},
+                dtype=save_dtype)
 write_json(os.path.join(args.out, "args.json"), vars(args))
 if held_out is not None and args.eval_n is not None:
     held_out = held_out[:args.eval_n] or None  # --eval-n 0: no evaluation

@@ -669,3 +669,55 @@ def test_fingerprint_sees_any_retraining_and_no_copy(tmp_path, size):
         one[(size // 4) // 16] += 1
         save_file({"w": one}, b / "model.safetensors")
         assert fp(a) == fp(b)
+
+
+def test_no_pair_when_every_right_answer_was_cut_off_says_so(tiny, tmp_path, monkeypatch, capsys):
+    """A prompt whose right answers all ran into --max-new-tokens (no EOS) gives no pair (pick_pair takes no cut-off
+    chosen): the counts name it, so that they add up to the prompts sampled, and the refusal points at
+    --max-new-tokens, not only at sampling more or training longer."""
+    import model as model_mod
+    import verifiers
+    tok = Tokenizer.from_pretrained(tiny[0])
+    eos = tok.eos_token_ids[0]
+
+    def generate(model, prompts, max_new_tokens, **kw):  # per prompt: a wrong answer, a right one cut off
+        return [tok.encode("wrong") + [eos] if j % 2 == 0 else tok.encode("right but cut")
+                for j in range(len(prompts))], None
+    monkeypatch.setattr(model_mod, "generate", generate)
+    monkeypatch.setattr(verifiers, "verify", lambda dataset, text, gt: float(text.startswith("right")))
+    msg = refusal(monkeypatch, capsys, "dpo.py", "--ckpt", tiny[0], "--out", tmp_path / "o", "--n-prompts", 4,
+                  "--samples-per-prompt", 2, "--max-new-tokens", 8, "--batch-size", 4, "--max-steps", 1,
+                  "--eval-n", 0)
+    assert ("0 pairs; no pair for 0 prompts with no correct sample, 0 with no wrong one and 4 whose correct samples "
+            "were all cut off at --max-new-tokens 8 (no EOS)") in capsys.readouterr().out
+    assert msg.startswith("error: no preference pair") and "--max-new-tokens" in msg
+
+
+def test_resume_refuses_another_stages_checkpoint_and_an_out_that_is_the_reference(tiny, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """dpo.py --resume with the --out of an SFT run would take the SFT run's weights, Adam moments and step for this
+    run's: refused, in one sentence, before any work. An --out that is --ckpt (however spelled) would have the
+    first save overwrite the reference: refused too (SimPO has none, and may)."""
+    import shutil
+    sft, data = tmp_path / "sft", tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in tasks.make_tasks(0, n_sft=16, n_prefs=2, n_rl=2, n_eval=2)[0]))
+    run_here(monkeypatch, "sft.py", "--ckpt", tiny[0], "--data", data, "--preset", "tiny", "--out", sft,
+             "--max-len", 512, "--batch-size", 8, "--max-steps", 1, "--val-frac", 0)
+    before = open(sft / "model.safetensors", "rb").read()
+    args = ("dpo.py", "--data", tiny[1], "--preset", "tiny", *ARGS, "--max-steps", 2)
+    assert refusal(monkeypatch, capsys, *args, "--ckpt", tiny[0], "--out", sft, "--resume") == (
+        f"error: --resume: the checkpoint in {sft} was saved by the sft stage, not by dpo; give this run an --out of "
+        "its own (another stage's output goes in --ckpt)")
+    assert refusal(monkeypatch, capsys, *args, "--ckpt", sft, "--out", f"{sft}/") == (
+        f"error: --out {sft}/ is --ckpt {sft}, this run's reference: a save would overwrite it; give the run an "
+        "--out of its own")
+    assert open(sft / "model.safetensors", "rb").read() == before
+    # a DPO run resumes its own checkpoint as before
+    out = tmp_path / "o"
+    run_here(monkeypatch, *args, "--ckpt", sft, "--out", out, "--max-steps", 1)
+    run_here(monkeypatch, *args, "--ckpt", sft, "--out", out, "--resume")
+    assert f"resumed from {out} at step 1" in capsys.readouterr().out
+    simpo = tmp_path / "simpo"
+    shutil.copytree(sft, simpo)
+    run_here(monkeypatch, *args, "--ckpt", simpo, "--out", simpo, "--max-steps", 1, "--loss-type", "simpo",
+             "--beta", 2)

@@ -867,3 +867,26 @@ def test_resume_refuses_a_start_retrained_since(tiny, tmp_path, monkeypatch, cap
         "it is this run's reference; pass the one it started from as --ckpt, or start afresh without --resume")
     run_here(monkeypatch, *args, "--out", tmp_path / "b0", "--steps", 2, "--beta", 0, "--resume")
     assert [m["step"] for m in metrics(str(tmp_path / "b0"))] == [0, 1]
+
+
+def test_resume_refuses_another_stages_checkpoint_and_an_out_that_is_the_reference(tiny, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """ppo_rlvr.py --resume with the --out of a DPO (or SFT) run would take that run's weights, Adam moments and step
+    for its own (with grpo, silently; with gae, as "saved without a value model"): refused, in one sentence. An
+    --out that is --ckpt would have the first save overwrite the KL reference: refused too (--beta 0 has none)."""
+    import shutil
+    dpo, out = tmp_path / "dpo", tmp_path / "o"
+    shutil.copytree(tiny[0], dpo)
+    torch.save({"step": 1, "stage": "dpo", "optimizer": {}}, dpo / "train_state.pt")  # as dpo.py leaves it
+    args = ("ppo_rlvr.py", "--data", tiny[1], "--preset", "tiny", "--eval-n", 0, "--prompts-per-step", 8,
+            "--max-new-tokens", 4, "--advantage", "grpo", "--steps", 1)
+    assert refusal(monkeypatch, capsys, *args, "--ckpt", tiny[0], "--out", dpo, "--resume") == (
+        f"error: --resume: the checkpoint in {dpo} was saved by the dpo stage, not by rlvr; give this run an --out of "
+        "its own (another stage's output goes in --ckpt)")
+    assert refusal(monkeypatch, capsys, *args, "--ckpt", dpo, "--out", dpo) == (
+        f"error: --out {dpo} is --ckpt {dpo}, this run's reference: a save would overwrite it; give the run an "
+        "--out of its own")
+    run_here(monkeypatch, *args, "--ckpt", dpo, "--out", out)
+    run_here(monkeypatch, *args, "--ckpt", dpo, "--out", out, "--steps", 2, "--resume")
+    assert f"resumed from {out} at step 1" in capsys.readouterr().out
+    run_here(monkeypatch, *args, "--ckpt", dpo, "--out", dpo, "--beta", 0)
