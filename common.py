@@ -365,34 +365,28 @@ def fingerprint(ckpt, whole=64 * 2**20, blocks=64, block=64 * 2**10):
     return h.hexdigest()
 
 
-def same_stage(resumed, out, stage):
-    """Refuses to resume another script's checkpoint (`stage`: "sft", "dpo" or "rlvr", saved in train_state.pt;
-    one saved before it was recorded passes): dpo.py --resume --out out/sft would otherwise load the SFT run's
-    weights and Adam moments as this run's, at its step, and train on from there under another objective."""
-    saved = read_train_state(resumed).get("stage") if resumed else None
-    if saved is not None and saved != stage:
-        raise SystemExit(f"error: --resume: the checkpoint in {out} was saved by the {saved} stage, not by {stage}; "
-                         "give this run an --out of its own (another stage's output goes in --ckpt)")
-
-
-def apart_from_start(out, ckpt):
-    """Refuses an --out that is --ckpt (the same directory, however named) in a run whose KL reference is --ckpt:
-    the first save would replace the reference with the policy, and a --resume would then be refused for good
-    (same_start), the checkpoint it started from being gone."""
-    if os.path.realpath(out) == os.path.realpath(ckpt):
-        raise SystemExit(f"error: --out {out} is --ckpt {ckpt}, this run's reference: a save would overwrite it; "
+def check_start(resumed, out, stage, ref=None):
+    """Refuses, before any work, a start that would train on from the wrong weights; -> fingerprint(ref) for the
+    run's saved state ("start"), None without a reference.
+    - `resumed` (find_checkpoint's) must have been saved by this script (`stage`: "sft", "dpo" or "rlvr", recorded
+      in train_state.pt; one saved before it was recorded passes): `dpo.py --resume --out out/sft` would take the
+      SFT run's weights, Adam moments and step for its own and train on under another objective.
+    - `ref`, the run's KL reference (DPO's and PPO's --ckpt; None for SimPO or PPO without a KL term): --out must
+      not be it, however spelled (the first save would replace the reference with the policy), and on --resume it
+      must still be the checkpoint the run started from: it is read again from --ckpt, and one retrained (or
+      replaced) in place since would pull the resumed policy toward another model than the one it left."""
+    saved = read_train_state(resumed) if resumed else {}
+    if saved.get("stage", stage) != stage:
+        raise SystemExit(f"error: --resume: the checkpoint in {out} was saved by the {saved['stage']} stage, not by "
+                         f"{stage}; give this run an --out of its own (another stage's output goes in --ckpt)")
+    if ref is None:
+        return None
+    if os.path.realpath(out) == os.path.realpath(ref):
+        raise SystemExit(f"error: --out {out} is --ckpt {ref}, this run's reference: a save would overwrite it; "
                          "give the run an --out of its own")
-
-
-def same_start(resumed, out, ckpt):
-    """-> fingerprint(ckpt), for the run's saved state ("start"). DPO and PPO keep their starting checkpoint as the
-    reference of their KL term, loaded again from --ckpt on --resume: a checkpoint retrained (or replaced) in place
-    since the run started would make the resumed policy pull toward another model than the one it left, so
-    resuming then is refused."""
-    fp = fingerprint(ckpt)
-    saved = read_train_state(resumed).get("start") if resumed else None
-    if saved is not None and saved != fp:
-        raise SystemExit(f"error: {ckpt} is not the checkpoint the run in {out} started from (its weights have "
+    fp = fingerprint(ref)
+    if saved.get("start", fp) != fp:
+        raise SystemExit(f"error: {ref} is not the checkpoint the run in {out} started from (its weights have "
                          "changed since), and it is this run's reference; pass the one it started from as --ckpt, "
                          "or start afresh without --resume")
     return fp

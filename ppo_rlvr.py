@@ -326,10 +326,10 @@ class ValueModel(nn.Module):
 if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions above without side effects
     from tqdm import tqdm
 
-    from common import (add_optim_args, all_reduce, apart_from_start, build_optimizer, check_out, cleanup, count,
+    from common import (add_optim_args, all_reduce, build_optimizer, check_out, check_start, cleanup, count,
                         earlier_eval, evaluate, find_checkpoint, full_state_dict, init_distributed, log_metrics, lr_at,
-                        make_out, number, optimizer_state, positive, print0, read_checkpoint, resume, same_stage,
-                        same_start, save_checkpoint, seed_everything, set_state, write_json)
+                        make_out, number, optimizer_state, positive, print0, read_checkpoint, resume, save_checkpoint,
+                        seed_everything, set_state, write_json)
     from data import DataError, encode_prompt, epoch_order, load_mixture, read_jsonl, rlvr_row
     from model import generate, seeded
     from tokenizer import Tokenizer
@@ -477,17 +477,14 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
         raise SystemExit(f"error: {len(rows)} prompts{long} is fewer than one batch of --prompts-per-step {P}")
 
     resumed = find_checkpoint(args.out) if args.resume else None
-    same_stage(resumed, args.out, "rlvr")
     if args.resume and resumed is None:
         print0(f"--resume: no checkpoint in {args.out}, starting fresh")
     # the reference is the frozen starting policy, resident and sharded like the policy (1/world of the
     # parameters per rank under FSDP; precomputing its log-probs is impossible: the samples are new
-    # every step). Not needed at all when the KL term is off. It is --ckpt as it is now: a resumed run
-    # refuses one that changed since it started.
+    # every step). Not needed at all when the KL term is off. It is --ckpt as it is now: not --out, and for
+    # a resumed run the checkpoint it started from.
     need_ref = args.beta > 0 or args.kl_target is not None
-    if need_ref:
-        apart_from_start(args.out, args.ckpt)
-    start_fp = same_start(resumed if need_ref else None, args.out, args.ckpt)
+    start_fp = check_start(resumed, args.out, "rlvr", ref=args.ckpt if need_ref else None)
     policy = load_model(resumed or args.ckpt, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile)
     policy.train()
     ref = load_model(args.ckpt, device, requires_grad=False, compile=args.compile).eval() if need_ref else None
