@@ -146,7 +146,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to train
     p.add_argument("--ckpt", default=None, help="HF checkpoint to start from, also the reference (default: out/sft)")
-    p.add_argument("--data", nargs="*", default=None, help="preference JSONL files, 'file:fraction' or 'file:count' "
+    p.add_argument("--data", nargs="+", default=None, help="preference JSONL files, 'file:fraction' or 'file:count' "
                    "(default: on-policy pairs on the built-in prompts)")
     p.add_argument("--out", default="out/dpo")
     p.add_argument("--preset", choices=["tiny", "tulu3-8b"], default=None, help="fills the hyperparameters not "

@@ -332,7 +332,8 @@ class Llama(nn.Module):
             if reduction == "sum":  # SFT's fast path: gradient computed during the forward
                 return fused_linear_cross_entropy(h, self.lm_head_weight, y, reduction="sum")
             out = fused_linear_logprobs(h, self.lm_head_weight, y, temperature=temperature, return_lsq=return_lsq)
-            return tuple(o.view(B, T) for o in out) if return_lsq else out.view(B, T)
+            # (B, T) copies, not views of the (B*T,) results: FSDP2 warns about a root module returning a view
+            return tuple(o.view(B, T).clone() for o in out) if return_lsq else out.view(B, T).clone()
         return x if return_hidden else F.linear(x, self.lm_head_weight)
 
     # -------------------------------------------------------------------------

@@ -341,7 +341,7 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
                    help="policy to start from, also the KL reference (default: out/dpo, else out/sft)")
     p.add_argument("--value-ckpt", default=None, help="the value model's start: a causal LM (its body, a zero "
                    "head) or a reward model, HF *ForSequenceClassification with 1 label (default: --ckpt)")
-    p.add_argument("--data", nargs="*", default=None, help="RLVR JSONL files, 'file:fraction' or 'file:count' "
+    p.add_argument("--data", nargs="+", default=None, help="RLVR JSONL files, 'file:fraction' or 'file:count' "
                    "(default: the built-in RL prompts)")
     p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end "
                    "(default with the built-in prompts: the built-in held-out set)")
@@ -522,7 +522,8 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     print0(f"{args.steps} steps x {P} prompts x {n} samples, {args.ppo_epochs} epochs x {args.mini_batches} "
            f"mini-batches | beta {beta} {args.kl_estimator}{' adaptive' if args.kl_target else ''} | "
            f"world {world} | device {device}")
-    print0(f"preset {args.preset}: lr {args.lr} {args.schedule} (value {args.value_lr}), saved in {args.save_dtype}")
+    print0(f"preset {args.preset}: lr {args.lr} {args.schedule}" + (f" (value {args.value_lr})" if vm is not None else "")
+           + f", saved in {args.save_dtype}")
     if args.kl_target is not None:  # Ziegler's horizon is in episodes: a short run barely moves beta
         # in logs: the power itself overflows a float, e.g. (1 + 0.2 x 896 / 10000) ** 44642 (tulu3-8b preset, grpo)
         log_most = args.steps * math.log1p(0.2 * P * n / args.kl_horizon)

@@ -538,3 +538,16 @@ def test_the_default_base_checkpoint_is_an_hf_llama(tmp_path):
     again = tasks.make_base_checkpoint(str(tmp_path / "b"), sft, **kw)
     w = [load_file(os.path.join(d, "model.safetensors")) for d in (path, again)]
     assert w[0].keys() == w[1].keys() and all(torch.equal(w[0][k], w[1][k]) for k in w[0])
+
+
+def test_per_token_outputs_are_tensors_of_their_own():
+    """With targets the model returns (B, T) log-probs (and lsq) computed as (B*T,): returned as views, FSDP2 warns on
+    every forward of the root module ("returned a view tensor"), once per rank and step under torchrun."""
+    from model import LlamaConfig
+    torch.manual_seed(0)
+    m = Llama(LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64))
+    x = tokens(64, B=2, T=5)
+    logp = m(x, targets=x)
+    assert logp.shape == (2, 5) and logp._base is None
+    for t in m(x, targets=x, return_lsq=True):
+        assert t.shape == (2, 5) and t._base is None

@@ -398,8 +398,9 @@ def test_ppo_raises_a_verifiable_reward(tiny, tmp_path):
 
 @pytest.mark.parametrize("mode", ["grpo", "rloo"])
 def test_group_modes_raise_the_reward(tiny, tmp_path, monkeypatch, capsys, mode):
-    run_ppo(tiny, tmp_path / mode, "--advantage", mode, "--steps", 12, "--prompts-per-step", 8,
-            "--samples-per-prompt", 4, "--lr", 1e-2)
+    r = run_ppo(tiny, tmp_path / mode, "--advantage", mode, "--steps", 12, "--prompts-per-step", 8,
+                "--samples-per-prompt", 4, "--lr", 1e-2)
+    assert "lr 0.01 constant, saved in" in r.stdout  # no value model: no value lr said
     rew = [m["reward"] for m in metrics(str(tmp_path / mode))]
     assert sum(rew[-4:]) / 4 > sum(rew[:4]) / 4 + 2.0, rew
     assert "value_loss" not in metrics(str(tmp_path / mode))[-1]

@@ -767,6 +767,10 @@ def test_number_flags_are_checked_at_the_command_line(tiny, tmp_path, monkeypatc
                              ("--eval-n", "-1", "argument --eval-n: expected a whole number >= 0")]:
         assert msg in refusal(monkeypatch, capsys, "sft.py", "--ckpt", base, "--data", path, "--preset", "tiny", flag,
                               value, "--out", tmp_path / "o")
+    # --data with no file after it (an unset shell variable): said, not "0 training examples" later
+    for script in ("sft.py", "dpo.py", "ppo_rlvr.py"):
+        assert refusal(monkeypatch, capsys, script, "--ckpt", base, "--out", tmp_path / "o", "--data") == (
+            f"{script}: error: argument --data: expected at least one argument")
 
 
 def test_an_out_that_cannot_be_written_is_refused_before_any_work(tiny, tmp_path, monkeypatch, capsys):
