@@ -414,12 +414,26 @@ def resume(resumed, out, model, optimizer, args, total):
             if os.path.isfile(os.path.join(out, "eval.json")):
                 os.remove(os.path.join(out, "eval.json"))
     elif not is_dist() or dist.get_rank() == 0:  # an earlier run's results in this directory are not this run's
+        forget_checkpoint(out)
         for f in ("eval.json", "start_eval.json"):
             if os.path.isfile(os.path.join(out, f)):
                 os.remove(os.path.join(out, f))
         shutil.rmtree(os.path.join(out, "eval"), ignore_errors=True)  # eval/*.py's outputs for an earlier model
     trim_metrics(out, st["step"])
     return st
+
+
+def forget_checkpoint(out):
+    """A fresh run's first write to `out` (rank 0): the earlier run's checkpoint there stops being resumable (its
+    train_state.pt goes; the weights stay). The fresh run restarts the log (resume -> trim_metrics) and DPO rewrites
+    pairs.jsonl, so a kill before this run's first save must not leave `out` resumable at the earlier run's step:
+    --resume would go on from another run's weights, with the log missing the steps between, or with this run's
+    pairs; it starts afresh instead, as the killed run did."""
+    if is_dist() and dist.get_rank() != 0:
+        return
+    for d in (out, os.path.realpath(out) + ".old"):  # (.old: find_checkpoint moves it back)
+        if os.path.isfile(os.path.join(d, "train_state.pt")):
+            os.remove(os.path.join(d, "train_state.pt"))
 
 
 def optimizer_state(model, optimizer):

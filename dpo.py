@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, check_out, check_start, cleanup, count,
-                    earlier_eval, evaluate, find_checkpoint, init_distributed, is_dist, load_model, log_metrics, lr_at,
-                    make_out, number, plan_steps, positive, print0, read_checkpoint, resume, save_checkpoint,
-                    seed_everything, token_logprobs, write_json)
+                    earlier_eval, evaluate, find_checkpoint, forget_checkpoint, init_distributed, is_dist, load_model,
+                    log_metrics, lr_at, make_out, number, plan_steps, positive, print0, read_checkpoint, resume,
+                    save_checkpoint, seed_everything, token_logprobs, write_json)
 from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_jsonl, rlvr_row
 from tokenizer import Tokenizer, tokenize_conversation
 
@@ -262,6 +262,8 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
             found = [x for g in got for x in g]
         if rank == 0:
             make_out(args.out)
+            if not resumed:  # the pairs of an earlier run's checkpoint here are about to be replaced
+                forget_checkpoint(args.out)
             with open(pairs_file + ".tmp", "w") as f:
                 f.writelines(json.dumps(row) + "\n" for _, row in sorted(found, key=lambda x: x[0]))
             os.replace(pairs_file + ".tmp", pairs_file)

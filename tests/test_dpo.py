@@ -721,3 +721,38 @@ def test_resume_refuses_another_stages_checkpoint_and_an_out_that_is_the_referen
     shutil.copytree(sft, simpo)
     run_here(monkeypatch, *args, "--ckpt", simpo, "--out", simpo, "--max-steps", 1, "--loss-type", "simpo",
              "--beta", 2)
+
+
+def test_a_fresh_run_killed_after_sampling_its_pairs_does_not_resume_the_earlier_runs_checkpoint(tiny, tmp_path,
+                                                                                                 monkeypatch, capsys):
+    """A fresh on-policy run in a directory holding an earlier run's checkpoint rewrites pairs.jsonl before it
+    trains; killed then, --resume must start afresh, not go on from the earlier run's weights with this run's
+    pairs (neither run's training)."""
+    import data
+    import model as model_mod
+    import verifiers
+    tok = Tokenizer.from_pretrained(tiny[0])
+    eos = tok.eos_token_ids[0]
+    texts = ["wrong answer", "right but cut", "right and done"]
+    monkeypatch.setattr(model_mod, "generate", lambda model, prompts, n, **kw: (
+        [tok.encode(texts[j % 3]) + ([] if j % 3 == 1 else [eos]) for j in range(len(prompts))], None))
+    monkeypatch.setattr(verifiers, "verify", lambda dataset, text, gt: float(text.startswith("right")))
+    out = tmp_path / "o"
+    args = ("--ckpt", tiny[0], "--out", out, "--samples-per-prompt", 3, "--batch-size", 4, "--max-steps", 1,
+            "--eval-n", 0)
+    run_here(monkeypatch, "dpo.py", *args, "--n-prompts", 4)  # the earlier run, finished
+    assert os.path.isfile(out / "train_state.pt")
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*a, **kw):
+        raise Killed
+    with monkeypatch.context() as m:
+        m.setattr(data, "load_mixture", killed)  # dies after writing its pairs, before training
+        with pytest.raises(Killed):
+            run_here(m, "dpo.py", *args, "--n-prompts", 8)
+    assert len(open(out / "pairs.jsonl").readlines()) == 8
+    capsys.readouterr()
+    run_here(monkeypatch, "dpo.py", *args, "--n-prompts", 8, "--resume")
+    assert "no checkpoint in" in capsys.readouterr().out
