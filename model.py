@@ -497,8 +497,11 @@ def replace_dir(tmp, path):
     files alone: the run's logs (.json/.jsonl, copied: metrics.jsonl is appended to in place) and, hard-
     linked, anything else (evaluation outputs, a user's files); only the checkpoint's own files are
     replaced. The new files are flushed to disk (fsync) before the swap, so a power loss cannot leave a
-    checkpoint in place whose shards were still in the page cache."""
+    checkpoint in place whose shards were still in the page cache. A path.old left alone by a crash between the
+    two renames (no path) is the old one: moved back first, so its files go along and it does not linger."""
     path = os.path.realpath(path)
+    if not os.path.exists(path) and os.path.isdir(path + ".old"):
+        os.rename(path + ".old", path)
     for f in os.listdir(path) if os.path.isdir(path) else []:
         src, dst = os.path.join(path, f), os.path.join(tmp, f)
         if os.path.lexists(dst) or checkpoint_file(f):

@@ -418,6 +418,20 @@ def test_atomic_save_keeps_old_checkpoint_on_failure(ckpt, tmp_path, monkeypatch
     assert not os.path.exists(tmp_path / ".out.tmp")  # the half-written temp directory is gone
 
 
+def test_a_save_after_a_crash_between_the_renames_takes_the_old_one_back(ckpt, tmp_path):
+    """A crash between replace_dir's renames leaves out.old and no out. The next save (one with no find_checkpoint
+    before it: sft.py's default base) treats out.old as the old checkpoint: its other files go along into the new
+    one and out.old is gone, not left beside it for good."""
+    model = Llama.from_pretrained(ckpt)
+    out = tmp_path / "out"
+    model.save_pretrained(str(out))
+    (out / "notes.txt").write_text("keep me")
+    os.rename(out, tmp_path / "out.old")
+    model.save_pretrained(str(out))
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "model.safetensors").exists()
+    assert sorted(f for f in os.listdir(tmp_path) if "out" in f) == ["out"]  # no out.old, no temp directory
+
+
 @torch.no_grad()
 def test_rope_dict_theta_wins_over_a_top_level_one(tmp_path):
     """A file with theta in its rope dict and a disagreeing top-level rope_theta: transformers keeps the
