@@ -255,8 +255,7 @@ for step in bar:
         save_checkpoint(args.out, model, tok, opt, {"step": step + 1, "args": vars(args), "stage": "sft"},
                         dtype=save_dtype)
 
-save_checkpoint(args.out, model, tok, opt, {"step": total, "args": vars(args), "stage": "sft"},
-                dtype=save_dtype)
+save_checkpoint(args.out, model, tok, opt, {"step": total, "args": vars(args), "stage": "sft"}, dtype=save_dtype)
 write_json(os.path.join(args.out, "args.json"), vars(args))
 if held_out is not None and args.eval_n is not None:
     held_out = held_out[:args.eval_n] or None  # --eval-n 0: no evaluation
