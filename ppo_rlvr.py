@@ -359,7 +359,8 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     p.add_argument("--max-new-tokens", type=positive, default=None, help="response length limit")
     p.add_argument("--max-prompt-len", type=positive, default=None, help="prompts longer than this are dropped")
     p.add_argument("--temperature", type=number(0, above=True), default=1.0, help="sampling temperature, also used in training")
-    p.add_argument("--gen-batch-size", type=positive, default=None, help="prompts per generate batch (default: all)")
+    p.add_argument("--gen-batch-size", type=positive, default=None, help="sequences (prompt x sample) per generate "
+                   "batch, per rank (default: all; ignored with --per-prompt-seed, which generates per prompt)")
     p.add_argument("--per-prompt-seed", action="store_true", help="sample each prompt's n responses with a "
                    "seed of their own: rollouts independent of the number of ranks (slower)")
     # reward and KL
@@ -405,7 +406,7 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
                          micro_batch_size=2, lr=3e-7, schedule="linear", warmup_ratio=0.0, save_dtype="bf16"),
     }
     # the built-in tasks train a 0.85M-parameter model; data of one's own is for a real checkpoint, whose
-    # tiny-model hyperparameters (lr 1e-4..3e-3, fp32 saves) would wreck it
+    # tiny-model hyperparameters (lr 3e-5, value lr 3e-4, fp32 saves) would wreck it
     args.preset = args.preset or ("tiny" if args.data is None else "tulu3-8b")
     group = args.advantage in ("grpo", "rloo")
     unused = [k for k in ("value_ckpt", "value_lr", "vf_coef", "value_clip", "gamma", "lam")
