@@ -166,13 +166,15 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end")
     p.add_argument("--eval-n", type=count, default=None, help="score only the first N held-out prompts (0: none)")
     p.add_argument("--eval-max-new-tokens", type=positive, default=64, help="greedy tokens per held-out prompt")
-    # on-policy pairs (without --data)
+    # on-policy pairs (without --data; refused with it)
     # 300 of the 1000 built-in preference prompts: one modest offline round, as Tülu 3's DPO is one epoch
     # on a fixed set; RLVR, which keeps sampling, then has room to add to it
-    p.add_argument("--n-prompts", type=positive, default=300, help="built-in preference prompts to sample from")
-    p.add_argument("--samples-per-prompt", type=positive, default=4)
-    p.add_argument("--sample-temperature", type=number(0, above=True), default=1.0)
-    p.add_argument("--max-new-tokens", type=positive, default=64)
+    SAMPLING = dict(n_prompts=300, samples_per_prompt=4, sample_temperature=1.0, max_new_tokens=64)
+    p.add_argument("--n-prompts", type=positive, default=None, help="built-in preference prompts to sample from "
+                   "(default 300)")
+    p.add_argument("--samples-per-prompt", type=positive, default=None, help="default 4")
+    p.add_argument("--sample-temperature", type=number(0, above=True), default=None, help="default 1.0")
+    p.add_argument("--max-new-tokens", type=positive, default=None, help="tokens per sample (default 64)")
     # optimization
     p.add_argument("--epochs", type=number(0, above=True), default=None)
     p.add_argument("--max-steps", type=positive, default=None, help="stop after this many optimizer steps")
@@ -198,6 +200,13 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.beta = DEFAULT_BETA[args.loss_type] if args.beta is None else args.beta  # (dpo_norm's is Tülu 3's 5)
+    given = [k for k in SAMPLING if getattr(args, k) is not None]
+    if args.data is not None and given:  # said, not silently ignored
+        raise SystemExit(f"error: --{given[0].replace('_', '-')} sets the sampling of on-policy pairs from the built-in "
+                         "prompts; it has no effect with --data")
+    for k, v in SAMPLING.items() if args.data is None else ():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.loss_type == "ipo" and args.label_smoothing:
         raise SystemExit("error: --label-smoothing is defined for the sigmoid losses, not ipo")
     if args.gamma_beta_ratio is not None and args.loss_type != "simpo":

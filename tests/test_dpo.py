@@ -439,7 +439,9 @@ def test_flags_refused_before_any_work(tiny, tmp_path, monkeypatch, capsys):
                        (["--loss-type", "ipo", "--label-smoothing", "0.1"],
                         "error: --label-smoothing is defined for the sigmoid losses, not ipo"),
                        (["--gamma-beta-ratio", "0.5"],  # (dpo_norm, the default loss)
-                        "error: --gamma-beta-ratio is simpo's target margin; it has no effect on dpo_norm")]:
+                        "error: --gamma-beta-ratio is simpo's target margin; it has no effect on dpo_norm"),
+                       (["--samples-per-prompt", "8"], "error: --samples-per-prompt sets the sampling of on-policy "
+                        "pairs from the built-in prompts; it has no effect with --data")]:
         assert msg in refusal(monkeypatch, capsys, "dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny",
                               "--out", tmp_path / "o", *extra), extra
 
