@@ -758,3 +758,11 @@ def test_a_fresh_run_killed_after_sampling_its_pairs_does_not_resume_the_earlier
     capsys.readouterr()
     run_here(monkeypatch, "dpo.py", *args, "--n-prompts", 8, "--resume")
     assert "no checkpoint in" in capsys.readouterr().out
+
+
+def test_an_out_whose_parent_is_not_made_yet(tiny, tmp_path, monkeypatch, capsys):
+    """--out is made if missing (check_out), parent included: the reference log-probs cached beside it are written
+    into that parent, which the run must make first (torch.save failed after the whole reference pass)."""
+    out = tmp_path / "new" / "dpo"
+    run_dpo_here(monkeypatch, capsys, tiny, str(out), "--max-steps", 1)
+    assert (out / "model.safetensors").is_file() and list((tmp_path / "new").glob("dpo.ref-*.pt"))
