@@ -305,6 +305,34 @@ def save_checkpoint(out, model, tokenizer, optimizer=None, state=None, dtype=Non
         dist.barrier()  # nobody reads the checkpoint before it is complete
 
 
+_claims = {}  # lock file -> its open file, held for the life of the process (closing any fd on it drops the lock)
+
+
+def claim_out(out):
+    """Refuses a second run writing to `out` while another still is (rank 0 holds a POSIX lock on .<name>.lock
+    beside it until it exits, SIGKILL included). Under torchrun a launcher killed with SIGKILL leaves its workers
+    running on (torchrun starts them in sessions of their own): a --resume started then trained, saved and logged
+    into the same directory beside them (metrics.jsonl with steps twice and out of order, saves racing on the one
+    .<name>.tmp). Collective: every rank must call it, before find_checkpoint. A filesystem without locks claims
+    nothing."""
+    import errno
+    import fcntl
+    busy = 0.0
+    if not is_dist() or dist.get_rank() == 0:
+        path = os.path.realpath(out)
+        lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
+        try:
+            os.makedirs(os.path.dirname(lock), exist_ok=True)
+            f = _claims.get(lock) or open(lock, "a")
+            _claims[lock] = f
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (the same process may claim again: a lock is per process)
+        except OSError as e:
+            busy = float(e.errno in (errno.EACCES, errno.EAGAIN))
+    if all_reduce(busy, op="max"):
+        raise SystemExit(f"error: another run is still writing to {out} (a torchrun killed with SIGKILL leaves its "
+                         "workers running): stop it first, then --resume")
+
+
 def find_checkpoint(out):
     """The directory to resume from (`out`, resolved), or None. A crash between replace_dir's two renames leaves
     the last checkpoint (in a first save: the run's logs and whatever else `out` held) only in out.old: it is

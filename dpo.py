@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, check_out, check_start, cleanup, count,
-                    earlier_eval, evaluate, find_checkpoint, forget_checkpoint, init_distributed, is_dist, load_model,
-                    log_metrics, lr_at, make_out, number, plan_steps, positive, print0, read_checkpoint, resume,
+from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, check_out, check_start, claim_out, cleanup,
+                    count, earlier_eval, evaluate, find_checkpoint, forget_checkpoint, init_distributed, is_dist,
+                    load_model, log_metrics, lr_at, make_out, number, plan_steps, positive, print0, read_checkpoint, resume,
                     save_checkpoint, seed_everything, token_logprobs, write_json)
 from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_jsonl, rlvr_row
 from tokenizer import Tokenizer, tokenize_conversation
@@ -228,6 +228,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     rank, world, device = init_distributed()
     seed_everything(args.seed + rank)
 
+    claim_out(args.out)  # no other run writing to it meanwhile
     resumed = find_checkpoint(args.out) if args.resume else None
     if args.resume and resumed is None:
         print0(f"--resume: no checkpoint in {args.out}, starting fresh")

@@ -326,7 +326,7 @@ class ValueModel(nn.Module):
 if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions above without side effects
     from tqdm import tqdm
 
-    from common import (add_optim_args, all_reduce, build_optimizer, check_out, check_start, cleanup, count,
+    from common import (add_optim_args, all_reduce, build_optimizer, check_out, check_start, claim_out, cleanup, count,
                         earlier_eval, evaluate, find_checkpoint, full_state_dict, init_distributed, log_metrics, lr_at,
                         make_out, number, optimizer_state, positive, print0, read_checkpoint, resume, save_checkpoint,
                         seed_everything, set_state, write_json)
@@ -477,6 +477,7 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
         long = f" ({n_long} more are over --max-prompt-len {args.max_prompt_len})" if n_long else ""
         raise SystemExit(f"error: {len(rows)} prompts{long} is fewer than one batch of --prompts-per-step {P}")
 
+    claim_out(args.out)  # no other run writing to it meanwhile
     resumed = find_checkpoint(args.out) if args.resume else None
     if args.resume and resumed is None:
         print0(f"--resume: no checkpoint in {args.out}, starting fresh")

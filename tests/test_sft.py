@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -975,3 +976,26 @@ def test_a_fresh_run_killed_before_its_first_save_does_not_resume_the_earlier_ru
     assert [json.loads(ln)["step"] for ln in open(out / "metrics.jsonl")] == [0, 1, 2, 3]
     assert losses(out) == pytest.approx(losses(tmp_path / "full"), rel=1e-5)
     assert max_diff(weights(out), weights(tmp_path / "full")) < 1e-5
+
+
+def test_a_second_run_into_an_out_still_being_written_is_refused(tiny, tmp_path, monkeypatch, capsys):
+    """A torchrun launcher killed with SIGKILL leaves its workers training on (each in a session of its own); a
+    --resume started then wrote into the same --out beside them: metrics.jsonl got steps twice and out of order,
+    and the two saves raced on one .out.tmp. While a run (its rank 0) holds --out, another is refused at the start;
+    once it is gone (a SIGKILL included), the next run goes ahead."""
+    base, path = tiny
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, common; common.claim_out(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(120)", str(out)],
+                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        err = refusal(monkeypatch, capsys, "sft.py", "--ckpt", base, "--data", path, "--preset", "tiny", "--out", out,
+                      "--resume", "--max-steps", 1)
+        assert err.startswith(f"error: another run is still writing to {out}"), err
+        assert not out.exists()  # refused before any work
+    finally:
+        holder.kill()
+        holder.wait()
+    common.claim_out(str(out))
+    common.claim_out(str(out))  # the same process may claim it again (the tests run the scripts in-process)
