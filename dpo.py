@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, check_out, check_start, claim_out, cleanup,
                     count, earlier_eval, evaluate, find_checkpoint, forget_checkpoint, init_distributed, is_dist,
-                    load_model, log_metrics, lr_at, make_out, number, plan_steps, positive, print0, read_checkpoint, resume,
-                    save_checkpoint, seed_everything, token_logprobs, write_json)
+                    load_model, log_metrics, lr_at, make_out, number, plan_steps, positive, print0, read_checkpoint,
+                    resume, save_checkpoint, seed_everything, token_logprobs, write_json)
 from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_jsonl, rlvr_row
 from tokenizer import Tokenizer, tokenize_conversation
 
@@ -202,8 +202,8 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     args.beta = DEFAULT_BETA[args.loss_type] if args.beta is None else args.beta  # (dpo_norm's is Tülu 3's 5)
     given = [k for k in SAMPLING if getattr(args, k) is not None]
     if args.data is not None and given:  # said, not silently ignored
-        raise SystemExit(f"error: --{given[0].replace('_', '-')} sets the sampling of on-policy pairs from the built-in "
-                         "prompts; it has no effect with --data")
+        raise SystemExit(f"error: --{given[0].replace('_', '-')} sets the sampling of on-policy pairs from the "
+                         "built-in prompts; it has no effect with --data")
     for k, v in SAMPLING.items() if args.data is None else ():
         if getattr(args, k) is None:
             setattr(args, k, v)

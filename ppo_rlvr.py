@@ -524,8 +524,8 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     print0(f"{args.steps} steps x {P} prompts x {n} samples, {args.ppo_epochs} epochs x {args.mini_batches} "
            f"mini-batches | beta {beta} {args.kl_estimator}{' adaptive' if args.kl_target else ''} | "
            f"world {world} | device {device}")
-    print0(f"preset {args.preset}: lr {args.lr} {args.schedule}" + (f" (value {args.value_lr})" if vm is not None else "")
-           + f", saved in {args.save_dtype}")
+    value_lr = f" (value {args.value_lr})" if vm is not None else ""
+    print0(f"preset {args.preset}: lr {args.lr} {args.schedule}{value_lr}, saved in {args.save_dtype}")
     if args.kl_target is not None:  # Ziegler's horizon is in episodes: a short run barely moves beta
         # in logs: the power itself overflows a float, e.g. (1 + 0.2 x 896 / 10000) ** 44642 (tulu3-8b preset, grpo)
         log_most = args.steps * math.log1p(0.2 * P * n / args.kl_horizon)
