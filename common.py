@@ -393,22 +393,28 @@ def fingerprint(ckpt, whole=64 * 2**20, blocks=64, block=64 * 2**10):
     return h.hexdigest()
 
 
-def check_start(resumed, out, stage, ref=None):
-    """Refuses, before any work, a start that would train on from the wrong weights; -> fingerprint(ref) for the
-    run's saved state ("start"), None without a reference.
-    - `resumed` (find_checkpoint's) must have been saved by this script (`stage`: "sft", "dpo" or "rlvr", recorded
+def start_run(out, resume, stage, ref=None):
+    """The start of a run into `out`, collective: claims `out` (claim_out), finds the checkpoint to go on from
+    when `resume` (find_checkpoint), and refuses, before any work, a start that would train on from the wrong
+    weights. -> (the checkpoint to resume or None, fingerprint(ref) for the run's saved state ("start") or None
+    without a reference).
+    - the checkpoint found must have been saved by this script (`stage`: "sft", "dpo" or "rlvr", recorded
       in train_state.pt; one saved before it was recorded passes): `dpo.py --resume --out out/sft` would take the
       SFT run's weights, Adam moments and step for its own and train on under another objective.
     - `ref`, the run's KL reference (DPO's and PPO's --ckpt; None for SimPO or PPO without a KL term): --out must
       not be it, however spelled (the first save would replace the reference with the policy), and on --resume it
       must still be the checkpoint the run started from: it is read again from --ckpt, and one retrained (or
       replaced) in place since would pull the resumed policy toward another model than the one it left."""
+    claim_out(out)  # no other run writing to it meanwhile
+    resumed = find_checkpoint(out) if resume else None
+    if resume and resumed is None:
+        print0(f"--resume: no checkpoint in {out}, starting fresh")
     saved = read_train_state(resumed) if resumed else {}
     if saved.get("stage", stage) != stage:
         raise SystemExit(f"error: --resume: the checkpoint in {out} was saved by the {saved['stage']} stage, not by "
                          f"{stage}; give this run an --out of its own (another stage's output goes in --ckpt)")
     if ref is None:
-        return None
+        return resumed, None
     if os.path.realpath(out) == os.path.realpath(ref):
         raise SystemExit(f"error: --out {out} is --ckpt {ref}, this run's reference: a save would overwrite it; "
                          "give the run an --out of its own")
@@ -417,7 +423,7 @@ def check_start(resumed, out, stage, ref=None):
         raise SystemExit(f"error: {ref} is not the checkpoint the run in {out} started from (its weights have "
                          "changed since), and it is this run's reference; pass the one it started from as --ckpt, "
                          "or start afresh without --resume")
-    return fp
+    return resumed, fp
 
 
 def resume(resumed, out, model, optimizer, args, total):

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, check_out, check_start, claim_out, cleanup,
-                    count, earlier_eval, evaluate, find_checkpoint, forget_checkpoint, init_distributed, is_dist,
-                    load_model, log_metrics, lr_at, make_out, number, plan_steps, positive, print0, read_checkpoint,
-                    resume, save_checkpoint, seed_everything, token_logprobs, write_json)
+from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, check_out, cleanup, count, earlier_eval,
+                    evaluate, forget_checkpoint, init_distributed, is_dist, load_model, log_metrics, lr_at, make_out,
+                    number, plan_steps, positive, print0, read_checkpoint, resume, save_checkpoint, seed_everything,
+                    start_run, token_logprobs, write_json)
 from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_jsonl, rlvr_row
 from tokenizer import Tokenizer, tokenize_conversation
 
@@ -228,12 +228,8 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     rank, world, device = init_distributed()
     seed_everything(args.seed + rank)
 
-    claim_out(args.out)  # no other run writing to it meanwhile
-    resumed = find_checkpoint(args.out) if args.resume else None
-    if args.resume and resumed is None:
-        print0(f"--resume: no checkpoint in {args.out}, starting fresh")
     # the reference is --ckpt as it is now: not --out, and for a resumed run the checkpoint it started from
-    start_fp = check_start(resumed, args.out, "dpo", ref=args.ckpt if args.loss_type != "simpo" else None)
+    resumed, start_fp = start_run(args.out, args.resume, "dpo", ref=args.ckpt if args.loss_type != "simpo" else None)
     tok = read_checkpoint(Tokenizer.from_pretrained, args.ckpt)
     model = load_model(args.ckpt, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile)
     pairs_file = os.path.join(args.out, "pairs.jsonl")

@@ -326,10 +326,10 @@ class ValueModel(nn.Module):
 if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions above without side effects
     from tqdm import tqdm
 
-    from common import (add_optim_args, all_reduce, build_optimizer, check_out, check_start, claim_out, cleanup, count,
-                        earlier_eval, evaluate, find_checkpoint, full_state_dict, init_distributed, log_metrics, lr_at,
-                        make_out, number, optimizer_state, positive, print0, read_checkpoint, resume, save_checkpoint,
-                        seed_everything, set_state, write_json)
+    from common import (add_optim_args, all_reduce, build_optimizer, check_out, cleanup, count, earlier_eval, evaluate,
+                        full_state_dict, init_distributed, log_metrics, lr_at, make_out, number, optimizer_state,
+                        positive, print0, read_checkpoint, resume, save_checkpoint, seed_everything, set_state,
+                        start_run, write_json)
     from data import DataError, encode_prompt, epoch_order, load_mixture, read_jsonl, rlvr_row
     from model import generate, seeded
     from tokenizer import Tokenizer
@@ -477,16 +477,12 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
         long = f" ({n_long} more are over --max-prompt-len {args.max_prompt_len})" if n_long else ""
         raise SystemExit(f"error: {len(rows)} prompts{long} is fewer than one batch of --prompts-per-step {P}")
 
-    claim_out(args.out)  # no other run writing to it meanwhile
-    resumed = find_checkpoint(args.out) if args.resume else None
-    if args.resume and resumed is None:
-        print0(f"--resume: no checkpoint in {args.out}, starting fresh")
     # the reference is the frozen starting policy, resident and sharded like the policy (1/world of the
     # parameters per rank under FSDP; precomputing its log-probs is impossible: the samples are new
     # every step). Not needed at all when the KL term is off. It is --ckpt as it is now: not --out, and for
     # a resumed run the checkpoint it started from.
     need_ref = args.beta > 0 or args.kl_target is not None
-    start_fp = check_start(resumed, args.out, "rlvr", ref=args.ckpt if need_ref else None)
+    resumed, start_fp = start_run(args.out, args.resume, "rlvr", ref=args.ckpt if need_ref else None)
     policy = load_model(resumed or args.ckpt, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile)
     policy.train()
     ref = load_model(args.ckpt, device, requires_grad=False, compile=args.compile).eval() if need_ref else None

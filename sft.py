@@ -28,9 +28,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, check_out, check_start, claim_out, cleanup,
-                    count, evaluate, find_checkpoint, init_distributed, load_model, log_metrics, lr_at, number,
-                    plan_steps, positive, print0, read_checkpoint, resume, save_checkpoint, seed_everything, write_json)
+from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, check_out, cleanup, count, evaluate,
+                    init_distributed, load_model, log_metrics, lr_at, number, plan_steps, positive, print0,
+                    read_checkpoint, resume, save_checkpoint, seed_everything, start_run, write_json)
 from data import DataError, encode_sft, epoch_order, load_mixture, pack_batch, pad_batch, sft_row
 from tokenizer import Tokenizer
 
@@ -94,11 +94,7 @@ rank, world, device = init_distributed()
 seed_everything(args.seed + rank)
 
 held_out = None
-claim_out(args.out)  # no other run writing to it meanwhile
-resumed = find_checkpoint(args.out) if args.resume else None
-check_start(resumed, args.out, "sft")
-if args.resume and resumed is None:
-    print0(f"--resume: no checkpoint in {args.out}, starting fresh")
+resumed, _ = start_run(args.out, args.resume, "sft")
 if args.ckpt is None and args.data is None:
     # the embedded default: built-in tasks, a tokenizer trained on their text, a model from scratch
     from tasks import make_base_checkpoint, make_tasks
