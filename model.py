@@ -483,6 +483,12 @@ def checkpoint_file(name):
     return name in CHECKPOINT_FILES or name.startswith(("model.safetensors", "model-0", "pytorch_model"))
 
 
+def leftover(name):
+    # what a process killed mid-write leaves in a run's directory: a log's half-written .tmp (written beside, then
+    # swapped in) or check_out's writability probe; not carried into the next checkpoint
+    return name.endswith((".json.tmp", ".jsonl.tmp")) or name.startswith(".write-test-")
+
+
 def _link(src, dst):
     try:  # a hard link: no copy, and the file outlives the old directory's removal
         os.link(src, dst)
@@ -496,15 +502,16 @@ def replace_dir(tmp, path):
     What else the old one holds goes along into the new one, as transformers' save_pretrained leaves other
     files alone: the run's logs (.json/.jsonl, copied: metrics.jsonl is appended to in place) and, hard-
     linked, anything else (evaluation outputs, a user's files); only the checkpoint's own files are
-    replaced. The new files are flushed to disk (fsync) before the swap, so a power loss cannot leave a
-    checkpoint in place whose shards were still in the page cache. A path.old left alone by a crash between the
-    two renames (no path) is the old one: moved back first, so its files go along and it does not linger."""
+    replaced, and a killed write's leftovers dropped. The new files are flushed to disk (fsync) before the
+    swap, so a power loss cannot leave a checkpoint in place whose shards were still in the page cache. A
+    path.old left alone by a crash between the two renames (no path) is the old one: moved back first, so its
+    files go along and it does not linger."""
     path = os.path.realpath(path)
     if not os.path.exists(path) and os.path.isdir(path + ".old"):
         os.rename(path + ".old", path)
     for f in os.listdir(path) if os.path.isdir(path) else []:
         src, dst = os.path.join(path, f), os.path.join(tmp, f)
-        if os.path.lexists(dst) or checkpoint_file(f):
+        if os.path.lexists(dst) or checkpoint_file(f) or leftover(f):
             continue
         if os.path.islink(src):
             os.symlink(os.readlink(src), dst)

@@ -426,9 +426,12 @@ def test_a_save_after_a_crash_between_the_renames_takes_the_old_one_back(ckpt, t
     out = tmp_path / "out"
     model.save_pretrained(str(out))
     (out / "notes.txt").write_text("keep me")
+    (out / "metrics.jsonl.tmp").write_text("half a log")  # left by a kill mid-write: not carried along
+    (out / ".write-test-x1").mkdir()
     os.rename(out, tmp_path / "out.old")
     model.save_pretrained(str(out))
     assert (out / "notes.txt").read_text() == "keep me" and (out / "model.safetensors").exists()
+    assert not (out / "metrics.jsonl.tmp").exists() and not (out / ".write-test-x1").exists()
     assert sorted(f for f in os.listdir(tmp_path) if "out" in f) == ["out"]  # no out.old, no temp directory
 
 
