@@ -322,7 +322,7 @@ def claim_out(out):
         path = os.path.realpath(out)
         lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
         try:
-            os.makedirs(os.path.dirname(lock), exist_ok=True)
+            os.makedirs(os.path.dirname(lock), exist_ok=True)  # (and where DPO's reference cache goes, beside out)
             f = _claims.get(lock) or open(lock, "a")
             _claims[lock] = f
             fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (the same process may claim again: a lock is per process)

@@ -383,7 +383,6 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
                 model.reshard()
             ref = all_reduce(ref).cpu()  # each pair was filled by exactly one rank
             if rank == 0:
-                os.makedirs(os.path.dirname(cache), exist_ok=True)  # beside --out, whose parent may not be made yet
                 torch.save({"logps": ref, "ckpt": args.ckpt, "max_len": args.max_len}, cache + ".tmp")
                 os.replace(cache + ".tmp", cache)
             print0(f"reference log-probs: {N} pairs in {time.time() - t0:.0f}s, cached in {cache}")
