@@ -144,6 +144,12 @@ def rlvr_row(row, where):
     return {"messages": msgs, "ground_truth": row["ground_truth"], "dataset": row["dataset"]}
 
 
+def read_eval_prompts(path):
+    """--eval-prompts: RLVR rows scored for held-out accuracy. Read whole and strictly, --skip-bad or not (that
+    flag is for training data): a skipped row would change the prompts an accuracy is over, unseen."""
+    return [rlvr_row(row, where) for where, row in read_jsonl(path)]
+
+
 def load_mixture(specs, parse, seed=0, skip_bad=False, encode=None):
     """specs: ["a.jsonl:0.5", "b.jsonl.gz:5000", "c.jsonl"]; parse: sft_row/pref_row/rlvr_row.
     -> (rows, n_skipped). Fractions/counts are taken from a seeded shuffle of each file. `encode`

@@ -40,7 +40,7 @@ from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, check_o
                     evaluate, forget_checkpoint, init_distributed, is_dist, load_model, log_metrics, lr_at, make_out,
                     number, plan_steps, positive, print0, read_checkpoint, resume, save_checkpoint, seed_everything,
                     start_run, token_logprobs, write_json)
-from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_jsonl, rlvr_row
+from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_eval_prompts
 from tokenizer import Tokenizer, tokenize_conversation
 
 LOSS_TYPES = ("dpo", "dpo_norm", "simpo", "ipo", "wpo")
@@ -162,7 +162,8 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     p.add_argument("--label-smoothing", type=number(0, 0.5), default=0.0, help="conservative DPO's label noise eps")
     # data
     p.add_argument("--max-len", type=positive, default=None, help="tokens per sequence (prompt + response), truncated")
-    p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip and count malformed --data rows instead of stopping (--eval-prompts is read whole)")
     p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end")
     p.add_argument("--eval-n", type=count, default=None, help="score only the first N held-out prompts (0: none)")
     p.add_argument("--eval-max-new-tokens", type=positive, default=64, help="greedy tokens per held-out prompt")
@@ -306,7 +307,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
         rows, n_bad = load_mixture(spec, pref_row, seed=args.seed, skip_bad=args.skip_bad,
                                    encode=lambda cr: [encode_response(tok, m, args.max_len) for m in cr])
         if args.eval_prompts:
-            held_out = [rlvr_row(r, w) for w, r in read_jsonl(args.eval_prompts)]
+            held_out = read_eval_prompts(args.eval_prompts)
         pairs, lengths, n_drop = [], [], 0
         for c, r in rows:
             if c is None or r is None:  # a response truncated away entirely: nothing to compare

@@ -330,7 +330,7 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
                         full_state_dict, init_distributed, log_metrics, lr_at, make_out, number, optimizer_state,
                         positive, print0, read_checkpoint, resume, save_checkpoint, seed_everything, set_state,
                         start_run, write_json)
-    from data import DataError, encode_prompt, epoch_order, load_mixture, read_jsonl, rlvr_row
+    from data import DataError, encode_prompt, epoch_order, load_mixture, read_eval_prompts, rlvr_row
     from model import generate, seeded
     from tokenizer import Tokenizer
     from verifiers import verify
@@ -351,7 +351,8 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     p.add_argument("--advantage", choices=["gae", "grpo", "rloo"], default="gae")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip and count malformed --data rows instead of stopping (--eval-prompts is read whole)")
     # rollouts
     p.add_argument("--steps", type=positive, default=None, help="rollout batches (each: epochs x mini-batches updates)")
     p.add_argument("--prompts-per-step", type=positive, default=None, help="prompts per rollout batch, all ranks")
@@ -464,7 +465,7 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
             rows, n_bad = load_mixture(args.data, rlvr_row, seed=args.seed, skip_bad=args.skip_bad, encode=with_prompt)
         rows, prompts = [r for r, _ in rows], [q for _, q in rows]
         if args.eval_prompts:
-            held_out = [rlvr_row(r, w) for w, r in read_jsonl(args.eval_prompts)]
+            held_out = read_eval_prompts(args.eval_prompts)
     except DataError as e:
         raise SystemExit(f"error: {e}")
     if held_out is not None and args.eval_n is not None:

@@ -46,7 +46,8 @@ p.add_argument("--seed", type=int, default=0)
 # data
 p.add_argument("--max-len", type=positive, default=None)
 p.add_argument("--drop-long", action="store_true", help="drop examples over --max-len instead of truncating")
-p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
+p.add_argument("--skip-bad", action="store_true",
+               help="skip and count malformed --data rows instead of stopping (--eval-prompts is read whole)")
 p.add_argument("--packing", action="store_true", help="padding-free packed micro-batches")
 p.add_argument("--chat-template", default=None, help="own: the checkpoint's (Tülu 3's if it has none); tulu: "
                "Tülu 3's in any case (open-instruct's default); or a .jinja file. Saved with the output")
@@ -149,8 +150,8 @@ try:
     else:
         sources, n_bad = [[encode(r["messages"]) for r in sft_rows]], 0
     if args.eval_prompts:
-        from data import rlvr_row, read_jsonl
-        held_out = [rlvr_row(r, w) for w, r in read_jsonl(args.eval_prompts)]
+        from data import read_eval_prompts
+        held_out = read_eval_prompts(args.eval_prompts)
 except DataError as e:
     raise SystemExit(f"error: {e}")
 val, train, n_trunc, n_drop = [], [], 0, 0

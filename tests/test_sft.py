@@ -579,6 +579,18 @@ def test_empty_file_and_cli_error(tiny, tmp_path, monkeypatch, capsys):
                    ).startswith("error: --chat-template: [Errno 2]")
 
 
+def test_skip_bad_leaves_the_held_out_prompts_whole(tiny, tmp_path, monkeypatch, capsys):
+    # --skip-bad is for training data: a held-out row skipped would change the prompts an accuracy is over
+    held_out = tmp_path / "held_out.jsonl"
+    row = tasks.make_tasks(seed=1, n_sft=2, n_prefs=2, n_rl=2, n_eval=1)[3][0]
+    held_out.write_text(json.dumps(row) + "\n{not json\n")
+    err = refusal(monkeypatch, capsys, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny",
+                  "--out", tmp_path / "o", "--eval-prompts", held_out, "--skip-bad")
+    assert err == f"error: {held_out}:2: malformed JSON (Expecting property name enclosed in double quotes)"
+    held_out.write_text(json.dumps(row) + "\n")
+    assert data.read_eval_prompts(str(held_out)) == [data.rlvr_row(row, "")]
+
+
 def test_preset_follows_the_data(tiny, tmp_path, monkeypatch, capsys):
     # data of one's own is for a real checkpoint: Tülu 3's hyperparameters (lr 5e-6, bf16 saves) unless
     # --preset tiny is asked for, never the tiny model's lr 3e-3 silently
