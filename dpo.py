@@ -25,6 +25,7 @@ What it does:
 Plumbing as in sft.py: AdamW + schedule, FSDP2 under torchrun, atomic checkpoints, --resume, metrics.jsonl.
 """
 import argparse
+import glob
 import hashlib
 import json
 import math
@@ -384,6 +385,8 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
                 model.reshard()
             ref = all_reduce(ref).cpu()  # each pair was filled by exactly one rank
             if rank == 0:
+                for left in glob.glob(f"{glob.escape(os.path.abspath(args.out))}.ref-*.pt.tmp"):
+                    os.remove(left)  # a write killed before its rename (claim_out: no other run writes here)
                 torch.save({"logps": ref, "ckpt": args.ckpt, "max_len": args.max_len}, cache + ".tmp")
                 os.replace(cache + ".tmp", cache)
             print0(f"reference log-probs: {N} pairs in {time.time() - t0:.0f}s, cached in {cache}")

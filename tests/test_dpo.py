@@ -460,9 +460,12 @@ def test_a_damaged_reference_cache_is_recomputed(tiny, tmp_path, monkeypatch, ca
     (cache,) = [tmp_path / f for f in os.listdir(tmp_path) if f.startswith("c.ref-")]
     good = torch.load(cache)["logps"]
     cache.write_bytes(b"PK\x03\x04 cut short")
+    left = tmp_path / "c.ref-0123456789abcdef.pt.tmp"  # another key's write killed before its rename
+    left.write_bytes(b"PK\x03\x04")
     log = run_dpo_here(monkeypatch, capsys, tiny, out, "--max-steps", 1)
     assert f"cannot read {cache}" in log and "computing them again" in log
     assert torch.equal(torch.load(cache)["logps"], good)
+    assert not left.exists() and not list(tmp_path.glob("*.tmp"))  # the leftover went with the next write
 
 
 def test_a_run_matches_a_reference_trainer(tiny, tmp_path, monkeypatch):
