@@ -198,16 +198,20 @@ def load_mixture(specs, parse, seed=0, skip_bad=False, encode=None):
 # tokenization
 
 
-def encode_sft(tok, msgs, max_len, truncate=True):
+def encode_sft(tok, msgs, max_len, truncate=True, cut=None):
     """-> (ids, labels) with labels = ids on assistant tokens, IGNORE elsewhere; None when the example
-    is longer than max_len and truncate is False, or has no trained token left after truncation."""
+    is longer than max_len and truncate is False, or has no trained token left after truncation. When a
+    list `cut` is given, the length of an example kept truncated is appended to it."""
     ids, mask = tokenize_conversation(tok, msgs)
-    if len(ids) > max_len:
+    n = len(ids)
+    if n > max_len:
         if not truncate:
             return None
         ids, mask = ids[:max_len], mask[:max_len]
     if not any(mask[1:]):  # the first token is never a target
         return None
+    if cut is not None and n > max_len:
+        cut.append(n)
     return ids, [i if m else IGNORE for i, m in zip(ids, mask)]
 
 

@@ -137,8 +137,11 @@ model.train()
 # -----------------------------------------------------------------------------
 # data
 
+cut = []  # the lengths of the examples truncated to --max-len
+
+
 def encode(msgs):  # -> (ids, labels), or None: over --max-len with --drop-long, or nothing left to train on
-    return encode_sft(tok, msgs, args.max_len, truncate=not args.drop_long)
+    return encode_sft(tok, msgs, args.max_len, truncate=not args.drop_long, cut=cut)
 
 
 try:
@@ -154,17 +157,16 @@ try:
         held_out = read_eval_prompts(args.eval_prompts)
 except DataError as e:
     raise SystemExit(f"error: {e}")
-val, train, n_trunc, n_drop = [], [], 0, 0
+val, train, n_drop = [], [], 0
 for rows in sources:
     examples = [ex for ex in rows if ex is not None]
     n_drop += len(rows) - len(examples)
-    n_trunc += 0 if args.drop_long else sum(len(ex[0]) == args.max_len for ex in examples)
     n_val = int(len(examples) * args.val_frac)  # the first rows of the file's seeded shuffle
     val, train = val + examples[:n_val], train + examples[n_val:]
 accum, steps_per_epoch, total, warmup = plan_steps(len(train), args, world, "training examples")
 B, mB = args.batch_size, args.micro_batch_size
 n_params = sum(p.numel() for p in model.parameters())
-print0(f"examples: {len(train)} train, {len(val)} val; {n_bad} bad rows skipped, {n_trunc} at --max-len (truncated), "
+print0(f"examples: {len(train)} train, {len(val)} val; {n_bad} bad rows skipped, {len(cut)} truncated to --max-len, "
        f"{n_drop} dropped (over --max-len {args.max_len} or nothing to train on)")
 print0(f"model: {n_params / 1e6:.2f}M parameters | world {world} | batch {B} = micro {mB} x accum {accum} x world "
        f"{world} | {total} steps ({steps_per_epoch}/epoch), warmup {warmup} | device {device}")

@@ -81,7 +81,11 @@ def test_assistant_targets_multiturn(tiny):
     assert data.encode_sft(tok, msgs, max_len=8) is None
     assert data.encode_sft(tok, msgs, max_len=20, truncate=False) is None
     assert data.encode_sft(tok, msgs, max_len=len(ids), truncate=False) == (ids, labels)  # exactly max_len fits
-
+    # the count of truncated examples sft.py prints: one cut and kept, not one that fits exactly or is dropped
+    cut = []
+    assert data.encode_sft(tok, msgs, max_len=len(ids), cut=cut) == (ids, labels) and cut == []
+    assert data.encode_sft(tok, msgs, max_len=8, cut=cut) is None and cut == []
+    assert data.encode_sft(tok, msgs, max_len=len(ids) - 1, cut=cut) == (ids[:-1], labels[:-1]) and cut == [len(ids)]
 
 
 def test_a_target_on_the_first_token_alone_trains_nothing(monkeypatch):
