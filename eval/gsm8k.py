@@ -62,7 +62,7 @@ def score(rows, responses):
     """-> (records, metrics): one verdict per response against its row's "#### N" answer, and the accuracy."""
     records = []
     for i, (r, resp) in enumerate(zip(rows, responses)):
-        nums = verifiers._NUMBER.findall(re.sub(r"(\d),(\d)", r"\1\2", resp))  # the verifier's own reading
+        nums = verifiers._NUMBER.findall(re.sub(r"(\d),(\d)", r"\1\2", resp, flags=re.ASCII))  # as verifiers._gsm8k
         records.append({"id": r.get("id", i), "question": r["question"], "gold": str(verifiers.gsm8k_gold(r["answer"])),
                         "pred": nums[-1] if nums else None, "correct": verifiers.gsm8k(resp, r["answer"])})
     return records, {"exact_match": sum(x["correct"] for x in records) / max(len(records), 1)}

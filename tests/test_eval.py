@@ -247,6 +247,10 @@ def test_gsm8k_score():
     half = [r["answer"] if i % 2 else "I do not know." for i, r in enumerate(rows)]
     recs, m = gsm8k.score(rows, half)
     assert m["exact_match"] == 0.5 and recs[0]["pred"] is None and recs[1]["pred"] == recs[1]["gold"]
+    # the recorded pred is the number the verifier read: its comma rule is ASCII-only, so in "\u0663,1,2" (an
+    # Arabic-Indic 3 first) the comma joins 1 and 2 into 12, which a Unicode \d would have paired with the 3
+    recs, m = gsm8k.score([{"question": "q", "answer": "#### 12"}], ["\u0663,1,2"])
+    assert m["exact_match"] == 1.0 and recs[0]["pred"] == "12"
 
 
 def test_math_score():
