@@ -335,7 +335,9 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     from tokenizer import Tokenizer
     from verifiers import verify
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the docstring's first sentence (two lines long) as the description
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to train
     p.add_argument("--ckpt", default=None,
                    help="policy to start from, also the KL reference (default: out/dpo, else out/sft)")
