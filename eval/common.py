@@ -34,13 +34,14 @@ from tokenizer import Tokenizer
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
-def parser(name, doc, max_new_tokens, data=True):
+def parser(name, doc, max_new_tokens, data=True, out=None):
+    # out: how the help names the default output folder under CKPT/eval/, when it is not always `name`
     p = argparse.ArgumentParser(prog=f"python -m eval.{name}", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="HF checkpoint folder (weights, tokenizer, chat template)")
     if data:
         p.add_argument("--data", default=DATA, help="folder holding gsm8k/, math/, ifeval/ (default: the project's data/)")
-    p.add_argument("--out", default=None, help=f"output folder (default: CKPT/eval/{name})")
+    p.add_argument("--out", default=None, help=f"output folder (default: CKPT/eval/{out or name})")
     p.add_argument("--limit", type=positive, default=None, help="only the first N examples")
     p.add_argument("--batch-size", type=positive, default=64, help="prompts per generation batch, per process")
     p.add_argument("--max-new-tokens", type=positive, default=max_new_tokens,

@@ -86,7 +86,7 @@ def score(rows, responses):
 
 
 def main():
-    p = parser("math", __doc__, max_new_tokens=1024)
+    p = parser("math", __doc__, max_new_tokens=1024, out="math, or math500 with --subset 500")
     p.add_argument("--subset", default=None, choices=["500"], help="500: MATH-500 instead of all 5,000 problems")
     args = p.parse_args()
     t0 = time.time()
