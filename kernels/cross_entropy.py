@@ -21,7 +21,7 @@ Memory, beyond the chunk buffer: dX and dW are made in the forward and held unti
 the end of the forward, when activations peak, they are already there (dW is 1.05 GB at V=128256, H=4096 in
 bf16); eager PyTorch allocates them in backward. Liger's fused cross-entropy does the same as here.
 With reduction="mean" and no valid target at all, the loss is 0 with zero gradients (not 0/0 = nan).
-The reference is -logprobs_ref summed, which recomputes in backward.
+The reference is logprobs.py's _LogProbsRef, its log-probs negated and summed; it recomputes the logits in backward.
 """
 import torch
 
