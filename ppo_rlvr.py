@@ -165,7 +165,8 @@ def policy_loss(logp, old_logp, adv, clip=0.2):
 
 def value_loss(v, old_v, returns, clip=0.2):
     """PPO's clipped value loss, per token: 0.5 * max((v - R)^2, (v_clip - R)^2) with
-    v_clip = old_v + clip(v - old_v, -eps, eps): the value may not move more than eps per batch.
+    v_clip = old_v + clip(v - old_v, -eps, eps): once the value is more than eps from old_v, toward the return,
+    the loss stops pulling it further (a hard limit it is not: one optimizer step can still overshoot eps).
     -> (loss, clipped)."""
     vc = old_v + (v - old_v).clamp(-clip, clip)
     l1, l2 = (v - returns) ** 2, (vc - returns) ** 2
