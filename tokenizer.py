@@ -63,10 +63,6 @@ TULU_TEMPLATE = (
     "{% endfor %}"
 )
 
-# the named special tokens transformers passes to every template (its SPECIAL_TOKENS_ATTRIBUTES);
-# any other `*_token` string in tokenizer_config.json is passed too, as transformers v5 does
-SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
 # -----------------------------------------------------------------------------
 # jinja environment, the same as transformers' _compile_jinja_template
 
@@ -176,6 +172,8 @@ class Tokenizer:
         # wins when it carries added_tokens_decoder (as transformers writes it), else special_tokens_map.json;
         # either fills in the tokens the other leaves unset
         first, second = (cfg, smap) if "added_tokens_decoder" in cfg else (smap, cfg)
+        # every `*_token` string of the two files (bos_token, eos_token, ..., any other, as transformers v5 does)
+        # becomes a template variable; one the files leave unset is not passed at all
         special = {}
         for k in list(smap) + list(cfg):
             t = _content(first.get(k)) or _content(second.get(k))
