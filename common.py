@@ -549,7 +549,8 @@ def write_json(path, obj):
 @torch.no_grad()
 def evaluate(model, tok, rows, max_new_tokens=64, batch_size=256, desc="eval", predictions=None):
     """Greedy-decodes every RLVR row's prompt and scores it with verifiers.verify.
-    -> {"accuracy", "n", "per_task": {dataset: {"accuracy", "n"}}}. Rows are split rank-strided;
+    -> {"accuracy", "n", "per_task": {dataset: {"accuracy", "n"}}, "max_new_tokens", "prompts": prompts_key(rows)}
+    (the last two tell earlier_eval what was scored). Rows are split rank-strided;
     generation runs in lockstep across ranks; the counts are summed over ranks.
     predictions: a list that gets this rank's (index into rows, response, score) per row."""
     from data import encode_prompt
