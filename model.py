@@ -87,8 +87,8 @@ class LlamaConfig:
         if kind not in ("default", "llama3"):
             raise ValueError(f"{name}: rope type {kind!r} is not supported (default, llama3 are)")
         if kind == "llama3":
-            # as transformers: a top-level original_max_position_embeddings wins, else max_position_embeddings;
-            # factor and the two frequency factors are required
+            # as transformers: a top-level original_max_position_embeddings wins, else the rope dict's own, else
+            # max_position_embeddings; factor and the two frequency factors are required
             rope["original_max_position_embeddings"] = d.get("original_max_position_embeddings") or rope.get(
                 "original_max_position_embeddings") or d.get("max_position_embeddings")
             bad = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
