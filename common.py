@@ -263,7 +263,7 @@ def lr_at(step, total, lr, warmup, kind="linear"):
 
 
 def token_logprobs(model, input_ids, targets, temperature=1.0, **fw):
-    """log p(targets[b, t] | input_ids[b, :t+1]) / temperature-scaled, as (B, T) fp32; 0 where
+    """log p(targets[b, t] | input_ids[b, :t+1]) under softmax(logits / temperature), as (B, T) fp32; 0 where
     targets == IGNORE (with return_lsq=True, also WPO's log sum_v p_v^2 (B, T): see Llama.forward). The output
     projection and log-softmax are fused (kernels/): on CUDA a Triton kernel that streams over the vocabulary,
     on the CPU a chunked PyTorch reference. Computed inside the model's forward, where FSDP2 has the output
