@@ -134,7 +134,8 @@ class Tokenizer:
             if name in ("bos_token", "eos_token", "pad_token", "unk_token") and tok.token_to_id(t) is None:
                 raise ValueError(f"special token {name}={t!r} (tokenizer_config.json or special_tokens_map.json) "
                                  "is not in the vocabulary of tokenizer.json")
-        # every id generation may stop on: the tokenizer's eos first, then generation_config's
+        # every id generation may stop on: the tokenizer's eos first, then eos_token_ids (from_pretrained: those of
+        # generation_config.json, then config.json's)
         eos = [tok.token_to_id(self.eos_token)] if self.eos_token else []
         self.eos_token_ids = list(dict.fromkeys(eos + [int(i) for i in eos_token_ids]))
         for i in self.eos_token_ids:
