@@ -53,7 +53,9 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, d: dict, name: str = "config.json"):
-        """Builds the config from an HF config.json dict; fields we do not implement are an error."""
+        """Builds the config from an HF config.json dict. What we do not implement and would change the outputs
+        (another model_type or activation, llama biases, sliding windows, another rope type) is an error;
+        attention_dropout a warning (training only); keys we do not know are kept (self.hf) but not read."""
         arch = d.get("model_type", "llama")
         if arch not in ("llama", "qwen2"):
             raise ValueError(f"{name}: model_type {arch!r} is not supported (llama, qwen2 are)")
