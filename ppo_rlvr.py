@@ -369,7 +369,8 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
                    "seed of their own: rollouts independent of the number of ranks (slower)")
     # reward and KL
     p.add_argument("--verify-reward", type=number(), default=None, help="score of a verified response")
-    p.add_argument("--no-eos-penalty", type=number(), default=None, help="score of a response without EOS (off if unset)")
+    p.add_argument("--no-eos-penalty", type=number(), default=None, help="score of a response without EOS "
+                   "(default: off in the tiny preset, -10 in tulu3-8b)")
     p.add_argument("--beta", type=number(0), default=None, help="KL coefficient (initial value if adaptive)")
     p.add_argument("--kl-estimator", choices=["k1", "k2", "k3"], default=None, help="default k1, k3 for grpo "
                    "(in the reward only k1 gives the KL's gradient: see kl_estimate)")
