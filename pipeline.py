@@ -39,7 +39,7 @@ for stage, script, flag in [("sft", "sft.py", "sft"), ("dpo", "dpo.py", "dpo"), 
         p.error(f"--{flag}-args: {e}")
 here = os.path.dirname(os.path.abspath(__file__))
 
-results = {}  # seed -> stage -> {"accuracy", "per_task", "seconds"}
+results = {}  # seed -> stage -> {"accuracy", "n", "per_task", "seconds"}
 for seed in args.seeds:
     root = args.out if len(args.seeds) == 1 else os.path.join(args.out, f"seed{seed}")
     prev, res = None, {}
