@@ -146,7 +146,8 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to train
-    p.add_argument("--ckpt", default=None, help="HF checkpoint to start from, also the reference (default: out/sft)")
+    p.add_argument("--ckpt", default=None, help="HF checkpoint to start from, also the reference (required with "
+                   "--data; default without: out/sft)")
     p.add_argument("--data", nargs="+", default=None, help="preference JSONL files, 'file:fraction' or 'file:count' "
                    "(default: on-policy pairs on the built-in prompts)")
     p.add_argument("--out", default="out/dpo")

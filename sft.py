@@ -36,7 +36,8 @@ from tokenizer import Tokenizer
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
 # what to train
-p.add_argument("--ckpt", default=None, help="HF checkpoint dir to start from (default: a tiny model from scratch)")
+p.add_argument("--ckpt", default=None, help="HF checkpoint dir to start from, given together with --data "
+               "(neither: a tiny model from scratch on the built-in tasks)")
 p.add_argument("--data", nargs="+", default=None, help="SFT JSONL files, 'file:fraction' or 'file:count'")
 p.add_argument("--out", default="out/sft")
 p.add_argument("--preset", choices=["tiny", "tulu3-8b"], default=None, help="fills the hyperparameters not "
