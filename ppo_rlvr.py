@@ -364,7 +364,7 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     p.add_argument("--max-prompt-len", type=positive, default=None, help="prompts longer than this are dropped")
     p.add_argument("--temperature", type=number(0, above=True), default=1.0, help="sampling temperature, also used in training")
     p.add_argument("--gen-batch-size", type=positive, default=None, help="sequences (prompt x sample) per generate "
-                   "batch, per rank (default: all; ignored with --per-prompt-seed, which generates per prompt)")
+                   "batch, per rank (default: all; not with --per-prompt-seed, which generates per prompt)")
     p.add_argument("--per-prompt-seed", action="store_true", help="sample each prompt's n responses with a "
                    "seed of their own: rollouts independent of the number of ranks (slower)")
     # reward and KL
@@ -375,7 +375,8 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     p.add_argument("--kl-estimator", choices=["k1", "k2", "k3"], default=None, help="default k1, k3 for grpo "
                    "(in the reward only k1 gives the KL's gradient: see kl_estimate)")
     p.add_argument("--kl-target", type=number(0, above=True), default=None, help="adaptive beta: target KL per sequence")
-    p.add_argument("--kl-horizon", type=number(0, above=True), default=10000, help="adaptive beta: horizon in episodes")
+    p.add_argument("--kl-horizon", type=number(0, above=True), default=None,
+                   help="adaptive beta: horizon in episodes (default 10000)")
     # PPO
     p.add_argument("--gamma", type=number(0, 1), default=None)
     p.add_argument("--lam", type=number(0, 1), default=None)
@@ -419,6 +420,11 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     if group and unused:  # said, not silently ignored: an ablation that sets them would otherwise mean nothing
         raise SystemExit(f"error: --advantage {args.advantage} has no value model and no GAE: "
                          f"--{unused[0].replace('_', '-')} has no effect")
+    if args.kl_horizon is not None and args.kl_target is None:
+        raise SystemExit("error: --kl-horizon is the adaptive controller's: it has no effect without --kl-target")
+    if args.gen_batch_size is not None and args.per_prompt_seed:
+        raise SystemExit("error: --per-prompt-seed generates prompt by prompt: --gen-batch-size has no effect")
+    kl_estimator_given = args.kl_estimator is not None
     if args.samples_per_prompt is None:
         args.samples_per_prompt = 4 if group else 1
     if args.preset == "tiny" and args.prompts_per_step is None:
@@ -429,6 +435,10 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.value_lr = args.value_lr if args.value_lr is not None else args.lr
+    args.kl_horizon = args.kl_horizon if args.kl_horizon is not None else 10000.0
+    if kl_estimator_given and not args.beta > 0:
+        raise SystemExit(f"error: --beta {args.beta:g} has no KL penalty (and no reference model): "
+                         "--kl-estimator has no effect")
 
     # -------------------------------------------------------------------------
     # setup
