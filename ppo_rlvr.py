@@ -362,7 +362,8 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     p.add_argument("--samples-per-prompt", type=positive, default=None, help="n (default 1 for gae, 4 for grpo/rloo)")
     p.add_argument("--max-new-tokens", type=positive, default=None, help="response length limit")
     p.add_argument("--max-prompt-len", type=positive, default=None, help="prompts longer than this are dropped")
-    p.add_argument("--temperature", type=number(0, above=True), default=1.0, help="sampling temperature, also used in training")
+    p.add_argument("--temperature", type=number(0, above=True), default=1.0,
+                   help="sampling temperature, also used in training")
     p.add_argument("--gen-batch-size", type=positive, default=None, help="sequences (prompt x sample) per generate "
                    "batch, per rank (default: all; not with --per-prompt-seed, which generates per prompt)")
     p.add_argument("--per-prompt-seed", action="store_true", help="sample each prompt's n responses with a "
@@ -374,7 +375,8 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     p.add_argument("--beta", type=number(0), default=None, help="KL coefficient (initial value if adaptive)")
     p.add_argument("--kl-estimator", choices=["k1", "k2", "k3"], default=None, help="default k1, k3 for grpo "
                    "(in the reward only k1 gives the KL's gradient: see kl_estimate)")
-    p.add_argument("--kl-target", type=number(0, above=True), default=None, help="adaptive beta: target KL per sequence")
+    p.add_argument("--kl-target", type=number(0, above=True), default=None,
+                   help="adaptive beta: target KL per sequence")
     p.add_argument("--kl-horizon", type=number(0, above=True), default=None,
                    help="adaptive beta: horizon in episodes (default 10000)")
     # PPO

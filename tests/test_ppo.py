@@ -422,7 +422,7 @@ def test_group_modes_raise_the_reward(tiny, tmp_path, monkeypatch, capsys, mode)
     (("--advantage", "grpo", "--lam", 0.9), "--advantage grpo has no value model and no GAE: --lam has no effect"),
     (("--kl-horizon", 100), "--kl-horizon is the adaptive controller's: it has no effect without --kl-target"),
     (("--beta", 0, "--kl-estimator", "k3"), "--beta 0 has no KL penalty (and no reference model): --kl-estimator has"),
-    (("--per-prompt-seed", "--gen-batch-size", 4), "--per-prompt-seed generates prompt by prompt: --gen-batch-size has"),
+    (("--per-prompt-seed", "--gen-batch-size", 4), "--per-prompt-seed generates prompt by prompt: --gen-batch-size"),
     (("--max-new-tokens", 0), "argument --max-new-tokens: expected a whole number >= 1, got '0'"),
     (("--ppo-epochs", "1.5"), "argument --ppo-epochs: expected a whole number >= 1, got '1.5'"),
     (("--verify-reward", "nan"), "argument --verify-reward: expected a finite number, got 'nan'"),
