@@ -216,7 +216,9 @@ def add_optim_args(p):
     # config says "gradient_clipping": "auto", which accelerate's _prepare_deepspeed fills with 1.0
     p.add_argument("--grad-clip", type=max_norm, default=1.0,
                    help="max global gradient norm (0: off; the norm is logged either way)")
-    p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward")
+    # None until the script's preset fills it: ppo_rlvr.py's tulu3-8b turns it on (two 8B graphs of up to 8192 tokens)
+    p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each block in backward (default: the preset's)")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (training "
                    "forward and backward; generation stays eager)")
     p.add_argument("--save-every", type=count, default=0, help="checkpoint every N steps (0: only at the end)")

@@ -470,6 +470,33 @@ def test_adaptive_beta_bound_of_a_long_run_is_printed_not_an_overflow(tiny, tmp_
     assert "adaptive beta: at most x2.59 or x0.386 over this run's 10 steps of 8 episodes" in capsys.readouterr().out
 
 
+def test_tulu3_preset_checkpoints_the_policy_and_value_model(tiny, tmp_path, monkeypatch, capsys):
+    """At 8B a tulu3-8b micro-batch (2 x up to 4096 tokens) goes through the policy and the value model in one graph:
+    ~6 MiB/token of saved activations each without recomputation, ~100 GB beside ~35 GB of sharded states on an
+    80 GB GPU. The preset turns gradient checkpointing on for both (the tiny one leaves it off); --no-grad-checkpoint
+    turns it off. The run stops at its first rollout (stubbed)."""
+    import common
+    import model as model_mod
+    seen, load = [], common.load_model
+
+    def spy(*a, **kw):
+        m = load(*a, **kw)
+        seen.append(bool(m.grad_checkpoint) if kw.get("requires_grad", True) else None)  # (the frozen reference)
+        return m
+
+    def first_rollout(*a, **kw):
+        raise SystemExit("reached the first rollout")
+    monkeypatch.setattr(common, "load_model", spy)
+    monkeypatch.setattr(model_mod, "generate", first_rollout)
+    args = ("ppo_rlvr.py", "--ckpt", tiny[0], "--data", tiny[1], "--out", tmp_path / "o", "--prompts-per-step", 8)
+    for extra, want in ((("--preset", "tulu3-8b"), True), (("--preset", "tiny"), False),
+                        (("--preset", "tulu3-8b", "--no-grad-checkpoint"), False),
+                        (("--preset", "tiny", "--grad-checkpoint"), True)):
+        seen.clear()
+        assert refusal(monkeypatch, capsys, *args, *extra) == "reached the first rollout"
+        assert seen == [want, None, want], (extra, seen)  # policy, reference, value model's body
+
+
 def test_resume_takes_this_runs_weight_decay_for_both_optimizers(tiny, tmp_path, monkeypatch):
     """A resumed run keeps the saved Adam moments but the flags it was given ("in effect from here"): the value
     model's optimizer too, not only the policy's."""
