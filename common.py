@@ -9,6 +9,7 @@ CPU process the model is a plain fp32 module (no process group), on CUDA it is a
 params fp32 (master weights), compute in bf16, gradient reduction in fp32.
 """
 import argparse
+import datetime
 import hashlib
 import json
 import math
@@ -42,7 +43,11 @@ def init_distributed():
         device = torch.device("cuda", local) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        # rank 0 alone reads the HF checkpoint (load_model) and writes the whole checkpoint (save_checkpoint: at 8B
+        # ~112 GB, PPO with its value model ~200 GB, serialized by one thread) while the other ranks wait in a
+        # collective; NCCL's default timeout (10 minutes) would kill them first on a slower filesystem
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=datetime.timedelta(seconds=int(os.environ.get("NANOPOST_TIMEOUT_S", 3600))))
         return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, torch.device("cpu")
 

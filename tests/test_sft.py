@@ -1015,3 +1015,23 @@ def test_a_second_run_into_an_out_still_being_written_is_refused(tiny, tmp_path,
         holder.wait()
     common.claim_out(str(out))
     common.claim_out(str(out))  # the same process may claim it again (the tests run the scripts in-process)
+
+
+def test_process_group_outwaits_a_rank0_checkpoint_write(monkeypatch):
+    """Under torchrun the other ranks wait in a collective while rank 0 alone reads the HF checkpoint and writes
+    the whole checkpoint (~112 GB at 8B, ~200 GB for PPO): the process group's timeout must outlast that, not be
+    NCCL's default 10 minutes. NANOPOST_TIMEOUT_S sets it."""
+    import datetime
+    got = {}
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **kw: got.update(kw))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("NANOPOST_TIMEOUT_S", raising=False)
+    common.init_distributed()
+    assert got.get("timeout", datetime.timedelta(minutes=10)) >= datetime.timedelta(minutes=30)
+    monkeypatch.setenv("NANOPOST_TIMEOUT_S", "7200")
+    common.init_distributed()
+    assert got["timeout"] == datetime.timedelta(hours=2)
