@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, check_out, cleanup, count, earlier_eval,
                     evaluate, forget_checkpoint, init_distributed, is_dist, load_model, log_metrics, lr_at, make_out,
-                    number, plan_steps, positive, print0, read_checkpoint, resume, save_checkpoint, seed_everything,
-                    start_run, token_logprobs, write_json)
+                    number, plan_steps, positive, print0, read_checkpoint, reshard, resume, save_checkpoint,
+                    seed_everything, start_run, token_logprobs, write_json)
 from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_eval_prompts
 from tokenizer import Tokenizer, tokenize_conversation
 
@@ -380,10 +380,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
                     if idx:
                         ref[idx] = torch.stack([pc, pr], 1).double().cpu()
             model.train()
-            if hasattr(model, "reshard"):
-                # NOTE FSDP2 leaves the root's parameters unsharded after a forward without backward; an
-                # optimizer built now would hold those temporary tensors instead of the sharded parameters
-                model.reshard()
+            reshard(model)  # before the optimizer is built on it
             ref = all_reduce(ref).cpu()  # each pair was filled by exactly one rank
             if rank == 0:
                 for left in glob.glob(f"{glob.escape(os.path.abspath(args.out))}.ref-*.pt.tmp"):

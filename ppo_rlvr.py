@@ -329,8 +329,8 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
 
     from common import (add_optim_args, all_reduce, build_optimizer, check_out, cleanup, count, earlier_eval, evaluate,
                         full_state_dict, init_distributed, log_metrics, lr_at, make_out, number, optimizer_state,
-                        positive, print0, read_checkpoint, resume, save_checkpoint, seed_everything, set_state,
-                        start_run, write_json)
+                        positive, print0, read_checkpoint, reshard, resume, save_checkpoint, seed_everything,
+                        set_state, start_run, write_json)
     from data import DataError, encode_prompt, epoch_order, load_mixture, read_eval_prompts, rlvr_row
     from model import generate, seeded
     from tokenizer import Tokenizer
@@ -632,6 +632,8 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
                     ref_lp[j:j + mB, :w] = response_logprobs(ref, b, args.temperature)
                 if vm is not None:
                     values[j:j + mB, :w] = vm(b["input_ids"], b["idx"]) * b["mask"]
+        if ref is not None:
+            reshard(ref)  # it never runs a backward: its gathered root would stay so until the end
         gen_lp = torch.zeros(B, T, device=device)
         for i, lp in enumerate(glp):
             gen_lp[i, :len(lp)] = torch.tensor(lp, device=device)

@@ -138,17 +138,24 @@ def test_accumulation_and_two_process_fsdp_match(tiny, tmp_path):
 
 def test_collectives_and_loading_under_two_processes(tiny, tmp_path):
     """common's helpers on 2 gloo ranks: all_reduce sums or takes the max over ranks (a tensor too), load_model
-    shards a frozen model (a reference: no gradients) and passes --grad-checkpoint, full_state_dict gathers the
-    checkpoint's weights on rank 0 and nothing elsewhere."""
+    shards a frozen model (a reference: no gradients) and passes --grad-checkpoint, reshard shards its root again
+    after a forward, full_state_dict gathers the checkpoint's weights on rank 0 and nothing elsewhere."""
     script = tmp_path / "ranks.py"
     script.write_text(f"""
 import torch, common
+from torch.distributed.tensor import DTensor
 from model import Llama
 rank, world, device = common.init_distributed()
 assert world == 2 and common.all_reduce(rank + 1.0) == 3.0 and common.all_reduce(rank + 1.0, op="max") == 2.0
 assert common.all_reduce(torch.tensor([rank, -rank]), op="max").tolist() == [1.0, 0.0]
 m = common.load_model({tiny[0]!r}, device, requires_grad=False, grad_checkpoint=True)
 assert m.grad_checkpoint and not any(p.requires_grad for p in m.parameters())
+# a forward without backward leaves the root's parameters gathered (plain tensors); reshard() shards them again
+with torch.no_grad():
+    m(torch.tensor([[1, 2, 3]]))
+assert not isinstance(m.embed_tokens.weight, DTensor) and isinstance(m.layers[0].mlp.up_proj.weight, DTensor)
+common.reshard(m)
+assert isinstance(m.embed_tokens.weight, DTensor) and isinstance(m.norm.weight, DTensor)
 sd = common.full_state_dict(m)
 if rank == 0:
     ref = Llama.from_pretrained({tiny[0]!r}).state_dict()
