@@ -239,6 +239,18 @@ def add_optim_args(p):
     p.add_argument("--save-dtype", choices=["fp32", "bf16"], default=None)
 
 
+def add_eval_args(p, prompts_help="RLVR JSONL scored for held-out accuracy at the end"):
+    """The held-out evaluation flags the three scripts share; the preset fills --eval-batch-size."""
+    p.add_argument("--eval-prompts", default=None, help=prompts_help)
+    p.add_argument("--eval-n", type=count, default=None, help="score only the first N held-out prompts (0: none)")
+    p.add_argument("--eval-max-new-tokens", type=positive, default=64, help="greedy tokens per held-out prompt (the "
+                   "tiny tasks need 64; chain-of-thought answers such as GSM8K's need 512 or more)")
+    # the KV cache of a batch sits beside the training state: at 8B, 256 prompts of ~1k tokens + 512 new ones
+    # are ~48 GB (128 KiB per token), 64 are ~12 GB
+    p.add_argument("--eval-batch-size", type=positive, default=None,
+                   help="held-out prompts per generation batch, per rank (default: 256 tiny, 64 tulu3-8b)")
+
+
 def build_optimizer(model, lr, weight_decay=0.0):
     """AdamW with torch's betas (0.9, 0.999) and eps 1e-8 (open-instruct keeps them too); no decay on norms
     and biases (1-D tensors), as is customary."""

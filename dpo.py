@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, check_out, cleanup, count, earlier_eval,
-                    evaluate, forget_checkpoint, init_distributed, is_dist, load_model, log_metrics, lr_at, make_out,
-                    number, plan_steps, positive, print0, read_checkpoint, reshard, resume, save_checkpoint,
-                    seed_everything, start_run, token_logprobs, write_json)
+from common import (IGNORE, add_eval_args, add_optim_args, all_reduce, build_optimizer, check_out, cleanup,
+                    earlier_eval, evaluate, forget_checkpoint, init_distributed, is_dist, load_model, log_metrics,
+                    lr_at, make_out, number, plan_steps, positive, print0, read_checkpoint, reshard, resume,
+                    save_checkpoint, seed_everything, start_run, token_logprobs, write_json)
 from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_eval_prompts
 from tokenizer import Tokenizer, tokenize_conversation
 
@@ -166,9 +166,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     p.add_argument("--max-len", type=positive, default=None, help="tokens per sequence (prompt + response), truncated")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip and count malformed --data rows instead of stopping (--eval-prompts is read whole)")
-    p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end")
-    p.add_argument("--eval-n", type=count, default=None, help="score only the first N held-out prompts (0: none)")
-    p.add_argument("--eval-max-new-tokens", type=positive, default=64, help="greedy tokens per held-out prompt")
+    add_eval_args(p)  # --eval-prompts --eval-n --eval-max-new-tokens --eval-batch-size
     # on-policy pairs (without --data; refused with it)
     # 300 of the 1000 built-in preference prompts: one modest offline round, as Tülu 3's DPO is one epoch
     # on a fixed set; RLVR, which keeps sampling, then has room to add to it
@@ -190,11 +188,13 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     PRESETS = {
         # the tiny default: on-policy pairs from the tiny SFT model, about half a minute on 2 CPU cores
         "tiny": dict(loss_type="dpo_norm", epochs=2, batch_size=32, micro_batch_size=32, lr=1e-4,
-                     schedule="linear", warmup_ratio=0.1, max_len=256, save_dtype="fp32", grad_checkpoint=False),
+                     schedule="linear", warmup_ratio=0.1, max_len=256, save_dtype="fp32", grad_checkpoint=False,
+                     eval_batch_size=256),
         # Tülu 3 8B DPO (open-instruct docs/tulu3.md): dpo_norm, beta 5, lr 5e-7 linear, warmup 0.1, wd 0,
         # 1 epoch, max length 2048, effective batch 128
         "tulu3-8b": dict(loss_type="dpo_norm", epochs=1, batch_size=128, micro_batch_size=1, lr=5e-7,
-                         schedule="linear", warmup_ratio=0.1, max_len=2048, save_dtype="bf16", grad_checkpoint=False),
+                         schedule="linear", warmup_ratio=0.1, max_len=2048, save_dtype="bf16", grad_checkpoint=False,
+                         eval_batch_size=64),
     }
     # the built-in tasks train a 0.85M-parameter model; data of one's own is for a real checkpoint, whose
     # tiny-model hyperparameters (lr 1e-4..3e-3, fp32 saves) would wreck it
@@ -395,7 +395,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
         held_out = held_out[:args.eval_n] or None  # --eval-n 0: no evaluation
     if held_out is not None:
         baseline = (earlier_eval(os.path.join(args.ckpt, "eval.json"), held_out, args.eval_max_new_tokens)
-                    or evaluate(model, tok, held_out, max_new_tokens=args.eval_max_new_tokens))
+                    or evaluate(model, tok, held_out, args.eval_max_new_tokens, args.eval_batch_size))
 
     # -----------------------------------------------------------------------------
     # training loop
@@ -450,7 +450,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
                     dtype=save_dtype)
     write_json(os.path.join(args.out, "args.json"), vars(args))
     if held_out is not None:
-        res = evaluate(model, tok, held_out, max_new_tokens=args.eval_max_new_tokens)
+        res = evaluate(model, tok, held_out, args.eval_max_new_tokens, args.eval_batch_size)
         write_json(os.path.join(args.out, "eval.json"), {**res, "start": baseline})
         fmt = lambda r: f"{r['accuracy']:.3f} (" + ", ".join(  # noqa: E731
             f"{k} {v['accuracy']:.3f}" for k, v in r["per_task"].items()) + ")"

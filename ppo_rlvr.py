@@ -327,10 +327,10 @@ class ValueModel(nn.Module):
 if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions above without side effects
     from tqdm import tqdm
 
-    from common import (add_optim_args, all_reduce, build_optimizer, check_out, cleanup, count, earlier_eval, evaluate,
-                        full_state_dict, init_distributed, log_metrics, lr_at, make_out, number, optimizer_state,
-                        positive, print0, read_checkpoint, reshard, resume, save_checkpoint, seed_everything,
-                        set_state, start_run, write_json)
+    from common import (add_eval_args, add_optim_args, all_reduce, build_optimizer, check_out, cleanup, earlier_eval,
+                        evaluate, full_state_dict, init_distributed, log_metrics, lr_at, make_out, number,
+                        optimizer_state, positive, print0, read_checkpoint, reshard, resume, save_checkpoint,
+                        seed_everything, set_state, start_run, write_json)
     from data import DataError, encode_prompt, epoch_order, load_mixture, read_eval_prompts, rlvr_row
     from model import generate, seeded
     from tokenizer import Tokenizer
@@ -346,8 +346,6 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
                    "head) or a reward model, HF *ForSequenceClassification with 1 label (default: --ckpt)")
     p.add_argument("--data", nargs="+", default=None, help="RLVR JSONL files, 'file:fraction' or 'file:count' "
                    "(default: the built-in RL prompts)")
-    p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end "
-                   "(default with the built-in prompts: the built-in held-out set)")
     p.add_argument("--out", default="out/rlvr")
     p.add_argument("--preset", choices=["tiny", "tulu3-8b"], default=None, help="fills the hyperparameters not "
                    "given (default: tiny on the built-in tasks, tulu3-8b on --data)")
@@ -393,9 +391,8 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     add_optim_args(p)  # --lr --schedule --warmup-ratio ... --save-every (shared: common.py)
     p.add_argument("--value-lr", type=number(0), default=None, help="default: the preset's (tiny: 3e-4), "
                    "else --lr")
-    # held-out evaluation
-    p.add_argument("--eval-max-new-tokens", type=positive, default=64)
-    p.add_argument("--eval-n", type=count, default=None, help="score only the first N held-out prompts (0: none)")
+    add_eval_args(p, "RLVR JSONL scored for held-out accuracy at the end (default with the built-in prompts: "
+                  "the built-in held-out set)")  # --eval-prompts --eval-n --eval-max-new-tokens --eval-batch-size
     args = p.parse_args()
 
     # presets fill whatever was not given on the command line
@@ -404,7 +401,7 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
         "tiny": dict(steps=60, max_new_tokens=64, max_prompt_len=256, verify_reward=10.0,
                      beta=0.05, kl_estimator="k1", gamma=1.0, lam=0.95, clip=0.2, value_clip=0.2, vf_coef=0.1,
                      ppo_epochs=4, mini_batches=1, micro_batch_size=64, lr=3e-5, value_lr=3e-4, schedule="constant",
-                     warmup_ratio=0.0, save_dtype="fp32", grad_checkpoint=False),
+                     warmup_ratio=0.0, save_dtype="fp32", grad_checkpoint=False, eval_batch_size=256),
         # Tülu 3 8B RLVR (open-instruct docs/tulu3.md and ppo_vllm_thread_ray_gtrl.py defaults): beta 0.05
         # k1, lr 3e-7 linear no warmup, gamma 1, lambda 0.95, clip 0.2, value clip 0.2, vf_coef 0.1,
         # 4 epochs x 1 mini-batch of 224 rollouts (1 sample/prompt), response 2048, reward 10, no-EOS -10;
@@ -415,7 +412,7 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
                          verify_reward=10.0, no_eos_penalty=-10.0, beta=0.05, kl_estimator="k1", gamma=1.0,
                          lam=0.95, clip=0.2, value_clip=0.2, vf_coef=0.1, ppo_epochs=4, mini_batches=1,
                          micro_batch_size=2, lr=3e-7, schedule="linear", warmup_ratio=0.0, save_dtype="bf16",
-                         grad_checkpoint=True),
+                         grad_checkpoint=True, eval_batch_size=64),
     }
     # the built-in tasks train a 0.85M-parameter model; data of one's own is for a real checkpoint, whose
     # tiny-model hyperparameters (lr 3e-5, value lr 3e-4, fp32 saves) would wreck it
@@ -567,7 +564,7 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
             m0 = policy
             if resumed:  # the policy is no longer the start: the start checkpoint is (the KL reference is it)
                 m0 = ref if ref is not None else load_model(args.ckpt, device, requires_grad=False)
-            start_eval = evaluate(m0, tok, held_out, max_new_tokens=args.eval_max_new_tokens)
+            start_eval = evaluate(m0, tok, held_out, args.eval_max_new_tokens, args.eval_batch_size)
             del m0
             src = "evaluated now"
         make_out(args.out)
@@ -730,7 +727,7 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
                     dtype=save_dtype)
     write_json(os.path.join(args.out, "args.json"), vars(args))
     if held_out is not None:
-        res = evaluate(policy, tok, held_out, max_new_tokens=args.eval_max_new_tokens)
+        res = evaluate(policy, tok, held_out, args.eval_max_new_tokens, args.eval_batch_size)
         res["start"] = start_eval
         write_json(os.path.join(args.out, "eval.json"), res)
         print0(f"held-out accuracy {res['accuracy']:.3f} (start {start_eval['accuracy']:.3f}) on {res['n']} prompts: "

@@ -28,7 +28,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (IGNORE, add_optim_args, all_reduce, build_optimizer, check_out, cleanup, count, evaluate,
+from common import (IGNORE, add_eval_args, add_optim_args, all_reduce, build_optimizer, check_out, cleanup, evaluate,
                     init_distributed, load_model, log_metrics, lr_at, number, plan_steps, positive, print0,
                     read_checkpoint, resume, save_checkpoint, seed_everything, start_run, write_json)
 from data import DataError, encode_sft, epoch_order, load_mixture, pack_batch, pad_batch, sft_row
@@ -54,11 +54,9 @@ p.add_argument("--chat-template", default=None, help="own: the checkpoint's (Tü
                "Tülu 3's in any case (open-instruct's default); or a .jinja file. Saved with the output")
 p.add_argument("--add-bos", action="store_true", help="prepend BOS to the chat template (saved with the output): "
                "for base models pretrained with BOS whose template does not write it")
-p.add_argument("--val-frac", type=number(0, 1), default=None, help="share of each data file held out for validation loss")
-p.add_argument("--eval-prompts", default=None, help="RLVR JSONL scored for held-out accuracy at the end")
-p.add_argument("--eval-n", type=count, default=None, help="score only the first N held-out prompts (0: none)")
-p.add_argument("--eval-max-new-tokens", type=positive, default=64, help="greedy tokens per held-out prompt (the tiny "
-               "tasks need 64; chain-of-thought answers such as GSM8K's need 512 or more)")
+p.add_argument("--val-frac", type=number(0, 1), default=None,
+               help="share of each data file held out for validation loss")
+add_eval_args(p)  # --eval-prompts --eval-n --eval-max-new-tokens --eval-batch-size
 # optimization
 p.add_argument("--epochs", type=number(0, above=True), default=None)
 p.add_argument("--max-steps", type=positive, default=None, help="stop after this many optimizer steps")
@@ -75,13 +73,13 @@ PRESETS = {
     # the tiny default: a 0.85M-parameter model from scratch, a few minutes on 2 CPU cores
     "tiny": dict(epochs=8, batch_size=32, micro_batch_size=32, lr=3e-3, schedule="cosine", warmup_ratio=0.05,
                  max_len=256, save_dtype="fp32", val_frac=0.02, eval_every=50, chat_template="own",
-                 grad_checkpoint=False),
+                 grad_checkpoint=False, eval_batch_size=256),
     # Tülu 3 8B SFT (open-instruct docs/tulu3.md): lr 5e-6 linear, warmup 0.03, wd 0, 2 epochs,
     # max length 4096, effective batch 128, sum loss
     # (Tülu trains on every row; ~0.1% is held out here for a validation loss every 500 steps)
     "tulu3-8b": dict(epochs=2, batch_size=128, micro_batch_size=1, lr=5e-6, schedule="linear", warmup_ratio=0.03,
                      max_len=4096, save_dtype="bf16", val_frac=0.001, eval_every=500, chat_template="tulu",
-                     grad_checkpoint=False),
+                     grad_checkpoint=False, eval_batch_size=64),
 }
 # the built-in tasks train a 0.85M-parameter model; data of one's own is for a real checkpoint, whose
 # tiny-model hyperparameters (lr 1e-4..3e-3, fp32 saves) would wreck it
@@ -253,7 +251,8 @@ for step in bar:
     if val and (step % args.eval_every == 0 or step == total - 1):
         row["val_loss"] = val_loss()
     log_metrics(args.out, row)
-    bar.set_postfix(loss=f"{loss_step:.4f}", lr=f"{row['lr']:.1e}", **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}))
+    bar.set_postfix(loss=f"{loss_step:.4f}", lr=f"{row['lr']:.1e}",
+                    **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}))
     if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
         save_checkpoint(args.out, model, tok, opt, {"step": step + 1, "args": vars(args), "stage": "sft"},
                         dtype=save_dtype)
@@ -263,7 +262,7 @@ write_json(os.path.join(args.out, "args.json"), vars(args))
 if held_out is not None and args.eval_n is not None:
     held_out = held_out[:args.eval_n] or None  # --eval-n 0: no evaluation
 if held_out is not None:
-    res = evaluate(model, tok, held_out, max_new_tokens=args.eval_max_new_tokens)
+    res = evaluate(model, tok, held_out, args.eval_max_new_tokens, args.eval_batch_size)
     write_json(os.path.join(args.out, "eval.json"), res)
     print0(f"held-out accuracy {res['accuracy']:.3f} on {res['n']} prompts: "
            + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in res["per_task"].items()))

@@ -87,11 +87,13 @@ def perturb_in_place(ckpt):
     save_file({k: v + 1e-3 for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
 
 
-def recording_evaluate(seen):
-    """A stand-in for common.evaluate that appends the weights it scored (layer 0's q_proj) to `seen` and gives
-    its k-th call (from 1) accuracy 0.25 k, keyed to the rows it was given."""
-    def evaluate(model, tok, rows, max_new_tokens=64, **kw):
+def recording_evaluate(seen, batch_sizes=None):
+    """A stand-in for common.evaluate that appends the weights it scored (layer 0's q_proj) to `seen` (and its
+    batch size to `batch_sizes`) and gives its k-th call (from 1) accuracy 0.25 k, keyed to the rows it was given."""
+    def evaluate(model, tok, rows, max_new_tokens=64, batch_size=256, **kw):
         seen.append(model.state_dict()["layers.0.self_attn.q_proj.weight"].clone())
+        if batch_sizes is not None:
+            batch_sizes.append(batch_size)
         return {"accuracy": 0.25 * len(seen), "n": len(rows), "per_task": {}, "max_new_tokens": max_new_tokens,
                 "prompts": common.prompts_key(rows)}
     return evaluate

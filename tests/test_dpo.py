@@ -599,14 +599,15 @@ def test_held_out_accuracy_with_data_files(tiny, tmp_path, monkeypatch, capsys):
     """--data with --eval-prompts: the start model is scored before training (its checkpoint has no eval.json)
     and the trained one at the end; eval.json holds both."""
     import common
-    seen = []
-    monkeypatch.setattr(common, "evaluate", recording_evaluate(seen))
+    seen, batch_sizes = [], []
+    monkeypatch.setattr(common, "evaluate", recording_evaluate(seen, batch_sizes))
     prompts = tmp_path / "held_out.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in tasks.make_tasks(seed=0)[3][:3]))
     out = tmp_path / "o"
     run_dpo_here(monkeypatch, capsys, tiny, out, "--max-steps", 2, "--eval-prompts", prompts, "--eval-n", 2)
     start = Llama.from_pretrained(tiny[0]).state_dict()["layers.0.self_attn.q_proj.weight"]
     assert len(seen) == 2 and torch.equal(seen[0], start) and not torch.equal(seen[1], start)
+    assert batch_sizes == [256, 256]  # the tiny preset's
     ev = json.load(open(out / "eval.json"))
     assert (ev["accuracy"], ev["n"], ev["start"]["accuracy"], ev["start"]["n"]) == (0.5, 2, 0.25, 2)
 

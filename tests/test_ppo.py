@@ -861,15 +861,16 @@ def test_start_accuracy_is_the_start_checkpoints(tiny, tmp_path, monkeypatch):
     start weights, and kept in start_eval.json; a resumed run that lost that file evaluates the start checkpoint
     again (not the policy it resumed); one that has it evaluates only the end."""
     import common
-    seen = []
-    monkeypatch.setattr(common, "evaluate", recording_evaluate(seen))
+    seen, batch_sizes = [], []
+    monkeypatch.setattr(common, "evaluate", recording_evaluate(seen, batch_sizes))
     start = Llama.from_pretrained(tiny[0]).state_dict()["layers.0.self_attn.q_proj.weight"]
     out = tmp_path / "o"
     args = ("--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", out, "--eval-prompts", tiny[1],
             "--eval-n", 2, "--prompts-per-step", 8, "--max-new-tokens", 4, "--lr", 1e-2,
             "--no-eos-penalty", -10)  # a reward (no sample ends in 4 tokens), so that the policy moves
-    run_here(monkeypatch, "ppo_rlvr.py", *args, "--steps", 1)
+    run_here(monkeypatch, "ppo_rlvr.py", *args, "--steps", 1, "--eval-batch-size", 3)
     assert len(seen) == 2 and torch.equal(seen[0], start) and not torch.equal(seen[1], start)
+    assert batch_sizes == [3, 3]
     assert json.load(open(out / "start_eval.json"))["accuracy"] == 0.25  # (the first call's score)
     assert json.load(open(out / "eval.json"))["start"]["accuracy"] == 0.25
     os.remove(out / "start_eval.json")

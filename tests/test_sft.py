@@ -19,7 +19,8 @@ import common
 import data
 import tasks
 from common import IGNORE
-from helpers import adamw, clip_grads, kill_at_first_checkpoint, nan_checkpoint, python, refusal, run_here, update_gap
+from helpers import (adamw, clip_grads, kill_at_first_checkpoint, nan_checkpoint, python, recording_evaluate, refusal,
+                     run_here, update_gap)
 from model import Llama, LlamaConfig
 from tokenizer import Tokenizer
 
@@ -603,15 +604,23 @@ def test_skip_bad_leaves_the_held_out_prompts_whole(tiny, tmp_path, monkeypatch,
 
 
 def test_preset_follows_the_data(tiny, tmp_path, monkeypatch, capsys):
-    # data of one's own is for a real checkpoint: Tülu 3's hyperparameters (lr 5e-6, bf16 saves) unless
-    # --preset tiny is asked for, never the tiny model's lr 3e-3 silently
+    # data of one's own is for a real checkpoint: Tülu 3's hyperparameters (lr 5e-6, bf16 saves, a held-out batch
+    # whose KV cache fits beside an 8B model's training state) unless --preset tiny is asked for, never the tiny
+    # model's lr 3e-3 silently
+    import common
+    seen, batch_sizes = [], []
+    monkeypatch.setattr(common, "evaluate", recording_evaluate(seen, batch_sizes))
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text(json.dumps(tasks.make_tasks(seed=1, n_sft=2, n_prefs=2, n_rl=2, n_eval=1)[3][0]) + "\n")
     for preset, want, dtype in ((None, "preset tulu3-8b: lr 5e-06 linear, max length 4096, saved in bf16", "BF16"),
                                 ("tiny", "preset tiny: lr 0.003 cosine, max length 256, saved in fp32", "F32")):
         out = tmp_path / str(preset)
         run_here(monkeypatch, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--out", out, "--max-steps", 1,
-                 "--batch-size", 2, "--eval-n", 0, "--val-frac", 0, *(["--preset", preset] if preset else []))
+                 "--batch-size", 2, "--eval-prompts", held_out, "--val-frac", 0,
+                 *(["--preset", preset] if preset else []))
         log = capsys.readouterr().out
         assert want in log, log
+        assert batch_sizes.pop() == (64 if preset is None else 256)
         with open(out / "model.safetensors", "rb") as f:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
         assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {dtype}
