@@ -118,7 +118,9 @@ def pick_pair(samples):
     """samples: [(score, text, finished)] for one prompt -> (chosen, rejected) texts or None.
     Chosen: the first verified-correct sample (score 1) that ended with EOS (a cut-off answer is not
     shown as the example to follow); rejected: the first sample that is not fully correct, preferring one
-    that ended with EOS too, so that "rejected" does not simply mean "cut off at --max-new-tokens"."""
+    that ended with EOS too, so that "rejected" does not simply mean "cut off at --max-new-tokens". A cut-off
+    one taken all the same is stored as text, like every response of the preference format, and trained as a
+    whole turn: with the EOS it never sampled."""
     good = [t for s, t, done in samples if s >= 1.0 and done]
     bad = sorted((not done, i, t) for i, (s, t, done) in enumerate(samples) if s < 1.0)  # finished ones first
     return (good[0], bad[0][2]) if good and bad else None
