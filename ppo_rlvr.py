@@ -514,12 +514,15 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
                 if device.type == "cuda" else MixedPrecisionPolicy()
             fully_shard(vm, mp_policy=mp)
         vm.train()
+    save_dtype = torch.bfloat16 if args.save_dtype == "bf16" else torch.float32
     popt = build_optimizer(policy, args.lr, args.weight_decay)
     vopt = build_optimizer(vm, args.value_lr, args.weight_decay) if vm is not None else None
 
-    def value_state():
-        """Full state of the value model and its optimizer (rank 0; collective under FSDP)."""
-        return None if vm is None else {"model": full_state_dict(vm), "optimizer": optimizer_state(vm, vopt)}
+    def save(step):
+        """The policy's checkpoint, with beta and the value model's and its optimizer's full state (collective)."""
+        value = None if vm is None else {"model": full_state_dict(vm), "optimizer": optimizer_state(vm, vopt)}
+        save_checkpoint(args.out, policy, tok, popt, {"step": step, "beta": beta, "value": value, "args": vars(args),
+                                                      "start": start_fp, "stage": "rlvr"}, dtype=save_dtype)
 
     st = resume(resumed, args.out, policy, popt, args, args.steps)
     # an adaptive beta goes on from where it was (--beta is its start); a fixed one is the flag's
@@ -577,7 +580,6 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     eos_ids = set(tok.eos_token_ids)
     mB = args.micro_batch_size
     red = all_reduce if is_dist() else None  # sums over ranks for the whole-batch statistics
-    save_dtype = torch.bfloat16 if args.save_dtype == "bf16" else torch.float32
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0,
                desc=f"rlvr-{args.advantage}")
     for step in bar:
@@ -718,13 +720,9 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
             raise SystemExit(f"error: non-finite metric at step {step}: {row}; stopping. The last good "
                              f"checkpoint (if any) is untouched in {args.out}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save_checkpoint(args.out, policy, tok, popt, {"step": step + 1, "beta": beta, "value": value_state(),
-                                                          "args": vars(args), "start": start_fp, "stage": "rlvr"},
-                            dtype=save_dtype)
+            save(step + 1)
 
-    save_checkpoint(args.out, policy, tok, popt, {"step": args.steps, "beta": beta, "value": value_state(),
-                                                  "args": vars(args), "start": start_fp, "stage": "rlvr"},
-                    dtype=save_dtype)
+    save(args.steps)
     write_json(os.path.join(args.out, "args.json"), vars(args))
     if held_out is not None:
         res = evaluate(policy, tok, held_out, args.eval_max_new_tokens, args.eval_batch_size)
