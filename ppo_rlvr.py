@@ -141,14 +141,12 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     -> (advantages, returns = advantages + values), both 0 off the mask."""
     m = mask.to(rewards.dtype)
     r, v = rewards * m, values * m
-    B, T = r.shape
+    nv, nm = (nn.functional.pad(x, (0, 1))[:, 1:] for x in (v, m))  # V_{t+1} and its mask, 0 past the end
     adv = torch.zeros_like(r)
-    last = torch.zeros(B, dtype=r.dtype, device=r.device)  # A_{t+1}
-    for t in reversed(range(T)):
-        nv = v[:, t + 1] if t + 1 < T else torch.zeros_like(last)      # V_{t+1}, 0 past the end
-        nm = m[:, t + 1] if t + 1 < T else torch.zeros_like(last)
-        delta = r[:, t] + gamma * nv - v[:, t]
-        last = (delta + gamma * lam * nm * last) * m[:, t]
+    last = torch.zeros_like(r[:, 0])  # A_{t+1}
+    for t in reversed(range(r.shape[1])):
+        delta = r[:, t] + gamma * nv[:, t] - v[:, t]
+        last = (delta + gamma * lam * nm[:, t] * last) * m[:, t]
         adv[:, t] = last
     return adv, (adv + v) * m
 
