@@ -56,8 +56,12 @@ def is_dist():
     return dist.is_available() and dist.is_initialized()
 
 
+def is_rank0():
+    return not is_dist() or dist.get_rank() == 0
+
+
 def print0(*args, **kw):
-    if not is_dist() or dist.get_rank() == 0:
+    if is_rank0():
         print(*args, **kw, flush=True)
 
 
@@ -313,7 +317,7 @@ def save_checkpoint(out, model, tokenizer, optimizer=None, state=None, dtype=Non
     call it."""
     sd = full_state_dict(model)
     osd = optimizer_state(model, optimizer) if optimizer is not None else None
-    if not is_dist() or dist.get_rank() == 0:
+    if is_rank0():
         tmp = new_dir_beside(out)
         try:
             model.save_pretrained(tmp, state_dict=sd, dtype=dtype, atomic=False)
@@ -346,7 +350,7 @@ def claim_out(out):
     import errno
     import fcntl
     busy = 0.0
-    if not is_dist() or dist.get_rank() == 0:
+    if is_rank0():
         path = os.path.realpath(out)
         lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
         try:
@@ -371,7 +375,7 @@ def find_checkpoint(out):
     def complete(d):
         return os.path.isfile(os.path.join(d, "train_state.pt")) and os.path.isfile(os.path.join(d, "config.json"))
     out = os.path.realpath(out)
-    if not os.path.exists(out) and os.path.isdir(out + ".old") and (not is_dist() or dist.get_rank() == 0):
+    if not os.path.exists(out) and os.path.isdir(out + ".old") and is_rank0():
         os.rename(out + ".old", out)  # only replace_dir makes a .old, and it deletes it once `out` is back
     if is_dist():
         dist.barrier()
@@ -469,13 +473,13 @@ def resume(resumed, out, model, optimizer, args, total):
                    if k in saved and saved[k] != v and k != "resume"]
         if changed:  # as the flags say from here on (data order, schedule, ...): said, not silent
             print0("--resume: flags that differ from the saved run's, in effect from here: " + ", ".join(changed))
-        if st["step"] < total and (not is_dist() or dist.get_rank() == 0):
+        if st["step"] < total and is_rank0():
             # a finished run resumed for more steps: its eval.json scores weights about to change, and a save
             # would carry it along beside the new ones (a later stage would take it as its starting accuracy,
             # pipeline.py as this stage's); the run writes its own at the end
             if os.path.isfile(os.path.join(out, "eval.json")):
                 os.remove(os.path.join(out, "eval.json"))
-    elif not is_dist() or dist.get_rank() == 0:  # an earlier run's results in this directory are not this run's
+    elif is_rank0():  # an earlier run's results in this directory are not this run's
         forget_checkpoint(out)
         for f in ("eval.json", "start_eval.json"):
             if os.path.isfile(os.path.join(out, f)):
@@ -491,7 +495,7 @@ def forget_checkpoint(out):
     pairs.jsonl, so a kill before this run's first save must not leave `out` resumable at the earlier run's step:
     --resume would go on from another run's weights, with the log missing the steps between, or with this run's
     pairs; it starts afresh instead, as the killed run did."""
-    if is_dist() and dist.get_rank() != 0:
+    if not is_rank0():
         return
     for d in (out, os.path.realpath(out) + ".old"):  # (.old: find_checkpoint moves it back)
         if os.path.isfile(os.path.join(d, "train_state.pt")):
@@ -535,7 +539,7 @@ def make_out(out):
 
 def log_metrics(out, row):
     """Appends one JSON line to out/metrics.jsonl (rank 0)."""
-    if is_dist() and dist.get_rank() != 0:
+    if not is_rank0():
         return
     make_out(out)
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
@@ -546,7 +550,7 @@ def trim_metrics(out, step):
     """Drops the rows of out/metrics.jsonl logged at or after `step` (rank 0): a run resumed at `step`
     is about to redo them, and a fresh run (step 0) starts a new log."""
     path = os.path.join(out, "metrics.jsonl")
-    if (is_dist() and dist.get_rank() != 0) or not os.path.isfile(path):
+    if not is_rank0() or not os.path.isfile(path):
         return
     def before(ln):  # a line cut short by a kill, or that is not a row with a step, is dropped
         try:
@@ -562,7 +566,7 @@ def trim_metrics(out, step):
 
 
 def write_json(path, obj):
-    if is_dist() and dist.get_rank() != 0:
+    if not is_rank0():
         return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -66,7 +66,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from common import IGNORE, is_dist, load_model, token_logprobs
+from common import IGNORE, is_dist, is_rank0, load_model, token_logprobs
 from model import read_tensor
 
 # -----------------------------------------------------------------------------
@@ -300,7 +300,7 @@ class ValueModel(nn.Module):
         """From a causal LM or an HF *ForSequenceClassification reward model with one label. Under
         torchrun rank 0 reads the score layer and broadcasts it (load_model shards the body)."""
         body = load_model(path, device, grad_checkpoint=grad_checkpoint, body_only=True, compile=compile)
-        score = read_tensor(path, "score.weight") if not is_dist() or dist.get_rank() == 0 else None
+        score = read_tensor(path, "score.weight") if is_rank0() else None
         if score is not None and score.shape != (1, body.cfg.dim):
             raise ValueError(f"{path}: score.weight has shape {tuple(score.shape)}; a value head needs one "
                              f"label, shape (1, {body.cfg.dim})")

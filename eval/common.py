@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 # cleanup: re-exported for the benchmark scripts
-from common import (check_out, cleanup, init_distributed, is_dist, positive, print0,  # noqa: F401
+from common import (check_out, cleanup, init_distributed, is_dist, is_rank0, positive, print0,  # noqa: F401
                     read_checkpoint, write_json)
 from data import DataError, read_jsonl
 from model import Llama, generate
@@ -144,7 +144,7 @@ def complete(model, tok, prompts, args, stops=(), desc="generate"):
 
 def save(out, name, args, records, metrics, primary, protocol, prompt, t0):
     """Writes OUT/predictions.jsonl and OUT/summary.json (rank 0) and prints the metrics."""
-    if is_dist() and dist.get_rank() != 0:
+    if not is_rank0():
         return
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "predictions.jsonl"), "w", encoding="utf-8") as f:
