@@ -105,8 +105,7 @@ def load_model(path, device, requires_grad=True, grad_checkpoint=False, body_onl
     full = None
     if dist.get_rank() == 0:
         full = read_checkpoint(Llama.from_pretrained, path, device="cpu", body_only=body_only)
-    cfg = full.cfg if full is not None else None
-    obj = [cfg]
+    obj = [full.cfg if full is not None else None]
     dist.broadcast_object_list(obj, src=0)  # the config is small: every rank builds the same module
     with torch.device("meta"):
         model = Llama(obj[0], body_only=body_only)
