@@ -264,6 +264,12 @@ def build_optimizer(model, lr, weight_decay=0.0):
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
+def clip_grad_norm(model, max_norm):
+    """Clips the gradients' global norm; -> the norm before clipping, a float (whole under FSDP: collective)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
+
+
 def plan_steps(n, args, world, what="examples"):
     """-> (accum, steps_per_epoch, total, warmup) for n rows, --batch-size rows per optimizer step over
     all ranks, --micro-batch-size rows per forward per rank, --epochs and --max-steps."""

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (IGNORE, add_eval_args, add_optim_args, all_reduce, build_optimizer, check_out, cleanup,
-                    earlier_eval, evaluate, forget_checkpoint, init_distributed, is_dist, load_model, log_metrics,
-                    lr_at, make_out, number, plan_steps, positive, print0, read_checkpoint, reshard, resume,
-                    save_checkpoint, seed_everything, start_run, token_logprobs, write_json)
+                    clip_grad_norm, earlier_eval, evaluate, forget_checkpoint, init_distributed, is_dist, load_model,
+                    log_metrics, lr_at, make_out, number, plan_steps, positive, print0, read_checkpoint, reshard,
+                    resume, save_checkpoint, seed_everything, start_run, token_logprobs, write_json)
 from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_eval_prompts
 from tokenizer import Tokenizer, tokenize_conversation
 
@@ -435,8 +435,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
         if not math.isfinite(stats[0]):
             raise SystemExit(f"error: loss is {stats[0]} at step {step}; stopping. The last good checkpoint "
                              f"(if any) is untouched in {args.out}")
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        gnorm = gnorm.full_tensor().item() if hasattr(gnorm, "full_tensor") else gnorm.item()
+        gnorm = clip_grad_norm(model, args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         row = {"step": step, "loss": stats[0], "reward_chosen": stats[1], "reward_rejected": stats[2],

@@ -325,8 +325,8 @@ class ValueModel(nn.Module):
 if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions above without side effects
     from tqdm import tqdm
 
-    from common import (add_eval_args, add_optim_args, all_reduce, build_optimizer, check_out, cleanup, earlier_eval,
-                        evaluate, full_state_dict, init_distributed, log_metrics, lr_at, make_out, number,
+    from common import (add_eval_args, add_optim_args, all_reduce, build_optimizer, check_out, cleanup, clip_grad_norm,
+                        earlier_eval, evaluate, full_state_dict, init_distributed, log_metrics, lr_at, make_out, number,
                         optimizer_state, positive, print0, read_checkpoint, reshard, resume, save_checkpoint,
                         seed_everything, set_state, start_run, write_json)
     from data import DataError, encode_prompt, epoch_order, load_mixture, read_eval_prompts, rlvr_row
@@ -680,8 +680,7 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
                         d = (lp - o) * m
                         sums += torch.stack([(pg * m).sum(), (vf * m).sum(), (clipped * m).sum(),
                                                  (vclipped * m).sum(), (0.5 * d * d).sum(), m.sum()]).double()
-                gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-                gnorms.append(gn.full_tensor().item() if hasattr(gn, "full_tensor") else gn.item())
+                gnorms.append(clip_grad_norm(policy, args.grad_clip))
                 popt.step()
                 popt.zero_grad(set_to_none=True)
                 if vm is not None:

@@ -28,9 +28,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (IGNORE, add_eval_args, add_optim_args, all_reduce, build_optimizer, check_out, cleanup, evaluate,
-                    init_distributed, load_model, log_metrics, lr_at, number, plan_steps, positive, print0,
-                    read_checkpoint, resume, save_checkpoint, seed_everything, start_run, write_json)
+from common import (IGNORE, add_eval_args, add_optim_args, all_reduce, build_optimizer, check_out, cleanup,
+                    clip_grad_norm, evaluate, init_distributed, load_model, log_metrics, lr_at, number, plan_steps,
+                    positive, print0, read_checkpoint, resume, save_checkpoint, seed_everything, start_run, write_json)
 from data import DataError, encode_sft, epoch_order, load_mixture, pack_batch, pad_batch, sft_row
 from tokenizer import Tokenizer
 
@@ -239,8 +239,7 @@ for step in bar:
     if not math.isfinite(loss_step):
         raise SystemExit(f"error: loss is {loss_step} at step {step}; stopping. The last good checkpoint "
                          f"(if any) is untouched in {args.out}")
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-    gnorm = gnorm.full_tensor().item() if hasattr(gnorm, "full_tensor") else gnorm.item()
+    gnorm = clip_grad_norm(model, args.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     dt = time.time() - t0
