@@ -100,7 +100,7 @@ def load_model(path, device, requires_grad=True, grad_checkpoint=False, body_onl
         model.grad_checkpoint = grad_checkpoint
         return model.requires_grad_(requires_grad)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     full = None
     if dist.get_rank() == 0:
@@ -111,8 +111,7 @@ def load_model(path, device, requires_grad=True, grad_checkpoint=False, body_onl
         model = Llama(obj[0], body_only=body_only)
     if compile:
         model.compile_blocks()
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()  # CPU/gloo: plain fp32
+    mp = mp_policy(device)
     for block in model.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -122,6 +121,14 @@ def load_model(path, device, requires_grad=True, grad_checkpoint=False, body_onl
     del full, sd
     model.grad_checkpoint = grad_checkpoint
     return model.requires_grad_(requires_grad)
+
+
+def mp_policy(device):
+    """FSDP2's precision: bf16 compute and fp32 gradient reduction on CUDA (fp32 params); CPU/gloo: plain fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    if device.type != "cuda":
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def read_checkpoint(load, path, **kw):

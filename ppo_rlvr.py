@@ -326,9 +326,9 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     from tqdm import tqdm
 
     from common import (add_eval_args, add_optim_args, all_reduce, build_optimizer, check_out, cleanup, clip_grad_norm,
-                        earlier_eval, evaluate, full_state_dict, init_distributed, log_metrics, lr_at, make_out, number,
-                        optimizer_state, positive, print0, read_checkpoint, reshard, resume, save_checkpoint,
-                        seed_everything, set_state, start_run, write_json)
+                        earlier_eval, evaluate, full_state_dict, init_distributed, log_metrics, lr_at, make_out,
+                        mp_policy, number, optimizer_state, positive, print0, read_checkpoint, reshard, resume,
+                        save_checkpoint, seed_everything, set_state, start_run, write_json)
     from data import DataError, encode_prompt, epoch_order, load_mixture, read_eval_prompts, rlvr_row
     from model import generate, seeded
     from tokenizer import Tokenizer
@@ -507,10 +507,8 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
         vm = read_checkpoint(ValueModel.from_pretrained, args.value_ckpt or args.ckpt, device=device,
                              grad_checkpoint=args.grad_checkpoint, compile=args.compile)
         if is_dist():  # the head joins the FSDP2 mesh too (the body's blocks were sharded by load_model)
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-                if device.type == "cuda" else MixedPrecisionPolicy()
-            fully_shard(vm, mp_policy=mp)
+            from torch.distributed.fsdp import fully_shard
+            fully_shard(vm, mp_policy=mp_policy(device))
         vm.train()
     save_dtype = torch.bfloat16 if args.save_dtype == "bf16" else torch.float32
     popt = build_optimizer(policy, args.lr, args.weight_decay)
