@@ -9,6 +9,7 @@ CPU process the model is a plain fp32 module (no process group), on CUDA it is a
 params fp32 (master weights), compute in bf16, gradient reduction in fp32.
 """
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -18,6 +19,7 @@ import pickle
 import random
 import shutil
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -43,9 +45,9 @@ def init_distributed():
         device = torch.device("cuda", local) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(device)
-        # rank 0 alone reads the HF checkpoint (load_model) and writes the whole checkpoint (save_checkpoint: at 8B
-        # ~112 GB, PPO with its value model ~200 GB, serialized by one thread) while the other ranks wait in a
-        # collective; NCCL's default timeout (10 minutes) would kill them first on a slower filesystem
+        # rank 0 alone reads the HF checkpoint (load_model) and writes the HF weights of a save (16 GB at 8B in
+        # bf16, 140 GB at 70B, by one thread) while the other ranks wait in a collective; NCCL's default timeout
+        # (10 minutes) would kill them first on a slow filesystem
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
                                 timeout=datetime.timedelta(seconds=int(os.environ.get("NANOPOST_TIMEOUT_S", 3600))))
         return dist.get_rank(), dist.get_world_size(), device
@@ -319,34 +321,57 @@ def token_logprobs(model, input_ids, targets, temperature=1.0, **fw):
 # checkpoints: the output directory is itself an HF checkpoint plus train_state.pt
 
 
-def save_checkpoint(out, model, tokenizer, optimizer=None, state=None, dtype=None):
-    """Writes `out` as an HF checkpoint (config, safetensors, tokenizer) plus, for resuming,
-    train_state.pt (optimizer, step, args, ...; no RNG state: the data order and every sample come from
-    generators seeded by --seed with the step or rank, so a resumed run needs none). Atomic: everything is
+def save_checkpoint(out, model, tokenizer, optimizer=None, state=None, dtype=None, others=None):
+    """Writes `out` as an HF checkpoint (config, safetensors, tokenizer) plus, for resuming, train_state/ (the
+    fp32 master weights and Adam moments of `model` and of `others`, {name: (module, optimizer)}: PPO's value
+    model) and train_state.pt (`state`: step, args, ...; no RNG state: the data order and every sample come from
+    generators seeded by --seed with the step or rank, so a resumed run needs none). train_state/ is written by
+    torch.distributed.checkpoint, every rank its own shards in parallel (at 8B ~96 GB that no rank gathers; a
+    resume reshards them to its world size); only the HF weights are gathered, on rank 0. Atomic: everything is
     written to a temp dir that replace_dir swaps in whole, so a crash mid-save leaves the last good checkpoint; the
     other files in `out` go along (the run's metrics.jsonl, DPO's pairs.jsonl, PPO's start_eval.json;
     resume() clears an earlier run's eval.json on a fresh start). Collective under FSDP: every rank must
-    call it."""
+    call it, and --out must be on a filesystem every rank sees."""
+    import torch.distributed.checkpoint as dcp
     sd = full_state_dict(model)
-    osd = optimizer_state(model, optimizer) if optimizer is not None else None
-    if is_rank0():
-        tmp = new_dir_beside(out)
-        try:
+    tmp = [new_dir_beside(out) if is_rank0() else None]
+    if is_dist():
+        dist.broadcast_object_list(tmp, src=0)  # made by rank 0 before any rank writes into it
+    tmp = tmp[0]
+    try:
+        if optimizer is not None:
+            modules = {"model": (model, optimizer), **(others or {})}
+            with single_process_quiet():
+                dcp.save(sharded_state(modules), checkpoint_id=os.path.join(tmp, "train_state"), no_dist=not is_dist())
+        if is_rank0():
             model.save_pretrained(tmp, state_dict=sd, dtype=dtype, atomic=False)
             tokenizer.save_pretrained(tmp)
             if optimizer is not None:
-                extra = {}
-                if any(dtype not in (None, v.dtype) for v in sd.values()):
-                    # the safetensors are rounded (bf16 presets): keep the fp32 master weights for --resume
-                    extra["model"] = sd
-                torch.save({"optimizer": osd, **extra, **(state or {})},
-                           os.path.join(tmp, "train_state.pt"))
+                torch.save({**(state or {}), "sharded": sorted(modules)}, os.path.join(tmp, "train_state.pt"))
             replace_dir(tmp, out)
-        except BaseException:
+    except BaseException:
+        if is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        raise
     if is_dist():
         dist.barrier()  # nobody reads the checkpoint before it is complete
+
+
+def sharded_state(modules):
+    """{name: {"model": ..., "optimizer": ...}} for each name: (module, optimizer) of `modules`: the state dicts as
+    this rank holds them (its DTensor shards under FSDP, whole tensors on one process), keyed by parameter name
+    on 1 process as on N, and sharing storage with the module and optimizer (torch.distributed.checkpoint's
+    load fills them in place; set_state_dict then gives the optimizer its state)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    return {name: dict(zip(("model", "optimizer"), get_state_dict(m, o))) for name, (m, o) in modules.items()}
+
+
+@contextlib.contextmanager
+def single_process_quiet():
+    # torch.distributed.checkpoint warns on every call without a process group that it "assumes" one process
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 _claims = {}  # lock file -> its open file, held for the life of the process (closing any fd on it drops the lock)
@@ -395,21 +420,44 @@ def find_checkpoint(out):
 
 
 def read_train_state(ckpt):
-    """ckpt/train_state.pt, memory-mapped: at 8B the file holds ~96 GB (fp32 weights and Adam moments) and every
-    rank opens it; mapped, they share the page cache, and only the tensors used (rank 0's) are ever read."""
+    """ckpt/train_state.pt: the saved run's step, args, stage, ... (small: the tensors are in train_state/)."""
     path = os.path.join(ckpt, "train_state.pt")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
         raise SystemExit(f"error: {path} cannot be read ({str(e).splitlines()[0]}): the checkpoint is damaged; "
                          f"run without --resume, or put back a copy of {ckpt}") from None
 
 
-def load_train_state(ckpt, model, optimizer):
-    """Restores the optimizer from ckpt/train_state.pt, and the fp32 master weights when the
-    checkpoint's safetensors were saved rounded (bf16); returns the rest of the saved state."""
+def load_train_state(ckpt, model, optimizer, others=None):
+    """Restores the fp32 master weights and the optimizer of `model` (and of `others`, {name: (module,
+    optimizer)}) from ckpt/train_state/, each rank its own shards (collective under FSDP; any world size);
+    returns train_state.pt's state. The optimizers take the saved moments and step counts but keep this run's
+    hyperparameters (--weight-decay, betas, lr, fused: their param groups' flags), as the resume message says
+    the flags are in effect from here."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
     st = read_train_state(ckpt)
-    set_state(model, optimizer, st.get("model"), st["optimizer"])
+    path = os.path.join(ckpt, "train_state")
+    modules = {"model": (model, optimizer), **(others or {})}
+    flags = {name: [{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
+             for name, (_, o) in modules.items()}
+    tree = sharded_state(modules)
+    try:
+        if not os.path.isdir(path):
+            raise FileNotFoundError("no such directory")
+        with single_process_quiet():
+            dcp.load(tree, checkpoint_id=path, no_dist=not is_dist())
+    except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001  (the latter: a BaseException)
+        if isinstance(e, dcp.api.CheckpointException):  # the first failing rank's own exception
+            e = next(iter(e.failures.values()))[0]
+        why = " ".join([type(e).__name__ + ":"] + str(e).strip().splitlines()[:1])
+        raise SystemExit(f"error: {path} cannot be read ({why}): the checkpoint is damaged; run without --resume, "
+                         f"or put back a copy of {ckpt}") from None
+    for name, (m, o) in modules.items():
+        set_state_dict(m, o, model_state_dict=tree[name]["model"], optim_state_dict=tree[name]["optimizer"])
+        for g, f in zip(o.param_groups, flags[name]):
+            g.update(f)
     return st
 
 
@@ -470,12 +518,12 @@ def start_run(out, resume, stage, ref=None):
     return resumed, fp
 
 
-def resume(resumed, out, model, optimizer, args, total):
+def resume(resumed, out, model, optimizer, args, total, others=None):
     """The saved state to continue from: load_train_state's when `resumed` is a checkpoint (refused past this
     run's `total` steps; the flags that differ from the saved run's `args` are listed), {"step": 0} for a
     fresh run. Either way the metrics rows logged at or after that step are dropped: they are about to be
     redone (all of them, for a fresh run, which also drops an earlier run's evaluations)."""
-    st = load_train_state(resumed, model, optimizer) if resumed else {"step": 0}
+    st = load_train_state(resumed, model, optimizer, others) if resumed else {"step": 0}
     if resumed:
         print0(f"resumed from {resumed} at step {st['step']}")
         if st["step"] > total:
@@ -503,44 +551,16 @@ def resume(resumed, out, model, optimizer, args, total):
 
 def forget_checkpoint(out):
     """A fresh run's first write to `out` (rank 0): the earlier run's checkpoint there stops being resumable (its
-    train_state.pt goes; the weights stay). The fresh run restarts the log (resume -> trim_metrics) and DPO rewrites
-    pairs.jsonl, so a kill before this run's first save must not leave `out` resumable at the earlier run's step:
-    --resume would go on from another run's weights, with the log missing the steps between, or with this run's
-    pairs; it starts afresh instead, as the killed run did."""
+    train_state.pt and train_state/ go; the weights stay). The fresh run restarts the log (resume ->
+    trim_metrics) and DPO rewrites pairs.jsonl, so a kill before this run's first save must not leave `out`
+    resumable at the earlier run's step: --resume would go on from another run's weights, with the log missing
+    the steps between, or with this run's pairs; it starts afresh instead, as the killed run did."""
     if not is_rank0():
         return
     for d in (out, os.path.realpath(out) + ".old"):  # (.old: find_checkpoint moves it back)
         if os.path.isfile(os.path.join(d, "train_state.pt")):
             os.remove(os.path.join(d, "train_state.pt"))
-
-
-def optimizer_state(model, optimizer):
-    """The optimizer's full (unsharded) state dict, on CPU (rank 0; collective under FSDP), keyed by parameter
-    name on 1 process as on N: torch's own optimizer.state_dict() numbers the parameters instead, which
-    set_optimizer_state_dict cannot read (a 1-process checkpoint resumed under torchrun lost its Adam moments)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def set_state(model, optimizer, model_sd, optim_sd):
-    """Full state dicts into a module (skipped when model_sd is None) and its optimizer; under FSDP rank 0's
-    are broadcast into every rank's shards (collective). The optimizer takes the saved moments and step
-    counts but keeps this run's hyperparameters (--weight-decay, betas, lr, fused: its param groups' flags),
-    as the resume message says the flags are in effect from here."""
-    flags = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    if not is_dist():
-        if model_sd is not None:
-            model.load_state_dict(model_sd)
-        optimizer.load_state_dict(optim_sd)
-    else:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        if model_sd is not None:
-            set_model_state_dict(model, model_sd, options=opts)
-        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
-    for g, f in zip(optimizer.param_groups, flags):
-        g.update(f)
+        shutil.rmtree(os.path.join(d, "train_state"), ignore_errors=True)
 
 
 def make_out(out):

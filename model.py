@@ -478,7 +478,8 @@ def _fsync(path):
 # optimizer state would be read as part of the new checkpoint)
 CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
-                    "chat_template.jinja", "chat_template.json", "additional_chat_templates", "train_state.pt")
+                    "chat_template.jinja", "chat_template.json", "additional_chat_templates", "train_state.pt",
+                    "train_state")
 
 
 def checkpoint_file(name):

@@ -55,7 +55,7 @@ starts its value model from a reward model. The reference is skipped when beta i
 model outside --advantage gae. The entropy logged is the mean of -logp of the sampled tokens (a
 Monte-Carlo estimate of the per-token entropy of the sampling distribution): the fused log-prob op
 never forms the full distribution, so the exact entropy is not at hand. The value model's state and
-its optimizer are saved in train_state.pt next to the policy's (the output directory's HF checkpoint).
+its optimizer are saved in train_state/ next to the policy's (the output directory's HF checkpoint).
 """
 import argparse
 import math
@@ -326,9 +326,9 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     from tqdm import tqdm
 
     from common import (add_eval_args, add_optim_args, all_reduce, build_optimizer, check_out, cleanup, clip_grad_norm,
-                        earlier_eval, evaluate, full_state_dict, init_distributed, log_metrics, lr_at, make_out,
-                        mp_policy, number, optimizer_state, positive, print0, read_checkpoint, reshard, resume,
-                        save_checkpoint, seed_everything, set_state, start_run, write_json)
+                        earlier_eval, evaluate, init_distributed, log_metrics, lr_at, make_out, mp_policy, number,
+                        positive, print0, read_checkpoint, read_train_state, reshard, resume, save_checkpoint,
+                        seed_everything, start_run, write_json)
     from data import DataError, encode_prompt, epoch_order, load_mixture, read_eval_prompts, rlvr_row
     from model import generate, seeded
     from tokenizer import Tokenizer
@@ -514,21 +514,20 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     popt = build_optimizer(policy, args.lr, args.weight_decay)
     vopt = build_optimizer(vm, args.value_lr, args.weight_decay) if vm is not None else None
 
-    def save(step):
-        """The policy's checkpoint, with beta and the value model's and its optimizer's full state (collective)."""
-        value = None if vm is None else {"model": full_state_dict(vm), "optimizer": optimizer_state(vm, vopt)}
-        save_checkpoint(args.out, policy, tok, popt, {"step": step, "beta": beta, "value": value, "args": vars(args),
-                                                      "start": start_fp, "stage": "rlvr"}, dtype=save_dtype)
+    value = {} if vm is None else {"value": (vm, vopt)}  # saved and resumed beside the policy
 
-    st = resume(resumed, args.out, policy, popt, args, args.steps)
+    def save(step):
+        """The policy's checkpoint, with beta and the value model and its optimizer (collective)."""
+        save_checkpoint(args.out, policy, tok, popt, {"step": step, "beta": beta, "args": vars(args),
+                                                      "start": start_fp, "stage": "rlvr"}, save_dtype, value)
+
+    if resumed and vm is not None and "value" not in read_train_state(resumed).get("sharded", ()):
+        raise SystemExit(f"error: {resumed} was saved without a value model (by --advantage grpo or rloo); "
+                         f"resume it with the same --advantage")
+    st = resume(resumed, args.out, policy, popt, args, args.steps, value)
     # an adaptive beta goes on from where it was (--beta is its start); a fixed one is the flag's
     start = st["step"]
     beta = st.get("beta", args.beta) if args.kl_target is not None else args.beta
-    if resumed and vm is not None:
-        if st.get("value") is None:
-            raise SystemExit(f"error: {resumed} was saved without a value model (by --advantage grpo or rloo); "
-                             f"resume it with the same --advantage")
-        set_state(vm, vopt, st["value"]["model"], st["value"]["optimizer"])
     del st
 
     n_params = sum(q.numel() for q in policy.parameters())

@@ -18,7 +18,8 @@ What it does:
 3. AdamW, warmup then linear/cosine decay, gradient clipping. FSDP2 under torchrun (and on any
    CUDA device); on a CPU process plain fp32.
 4. The output directory is an HF checkpoint (transformers and vLLM load it), rewritten atomically at
-   every --save-every and at the end, with train_state.pt to --resume from and metrics.jsonl.
+   every --save-every and at the end, with train_state/ (each rank's shards of the fp32 weights and Adam
+   moments) and train_state.pt (step, flags) to --resume from, and metrics.jsonl.
 """
 import argparse
 import math

@@ -5,6 +5,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -97,6 +98,17 @@ def recording_evaluate(seen, batch_sizes=None):
         return {"accuracy": 0.25 * len(seen), "n": len(rows), "per_task": {}, "max_new_tokens": max_new_tokens,
                 "prompts": common.prompts_key(rows)}
     return evaluate
+
+
+def saved_state(ckpt, tmp):
+    """ckpt's train_state/ (torch.distributed.checkpoint's sharded files) as one nested dict of whole tensors:
+    {"model": {"model": fp32 weights, "optimizer": ...}, "value": {...}}; `tmp` is a scratch directory."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    path = os.path.join(tmp, f"state-{len(os.listdir(tmp))}.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ("assuming the intent is to load in a single process")
+        dcp_to_torch_save(os.path.join(ckpt, "train_state"), path)
+    return torch.load(path, weights_only=False)
 
 
 def kill_at_first_checkpoint(proc, out, timeout):

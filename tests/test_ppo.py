@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import tasks
 from data import encode_prompt
 from helpers import (adamw, clip_grads, kill_at_first_checkpoint, nan_checkpoint, perturb_in_place, python,
-                     recording_evaluate, refusal, run_here, update_gap)
+                     recording_evaluate, refusal, run_here, saved_state, update_gap)
 from model import Llama, generate
 from ppo_rlvr import (ValueModel, adaptive_kl, advantages, gae, group_advantages, kl_estimate, masked_whiten,
                       policy_loss, ppo_loss, response_logprobs, rollout_batch, sequence_scores, token_rewards,
@@ -581,7 +581,7 @@ def test_two_processes_equal_one(tiny, reward_model, tmp_path):
             assert a[k] == pytest.approx(b[k], abs=1e-5, rel=1e-4), k
     w1, w2 = (load_file(str(tmp_path / k / "model.safetensors")) for k in ("one", "two"))
     assert update_gap(w1, w2, load_file(os.path.join(tiny[0], "model.safetensors"))) < 1e-3
-    v1, v2 = (torch.load(tmp_path / k / "train_state.pt", weights_only=False)["value"]["model"] for k in ("one", "two"))
+    v1, v2 = (saved_state(tmp_path / k, tmp_path)["value"]["model"] for k in ("one", "two"))
     assert max_diff(v1, v2) < 1e-5
     # and the value model did learn: its head moved off the reward model's score layer
     assert (v1["head.weight"] - reward_model[1].score.weight).abs().max() > 1e-4
@@ -850,7 +850,7 @@ def test_a_run_matches_a_reference_trainer(tiny, reward_model, tmp_path, monkeyp
     if mode != "gae":
         return
     assert abs(logged[1]["kl"] / kl_target - 1) < 0.2 and seen["vclip"] > 0 and seen["vnclip"] > 0, seen
-    vm = torch.load(out / "train_state.pt", weights_only=False)["value"]["model"]
+    vm = saved_state(out, tmp_path)["value"]["model"]
     assert vm.keys() == {f"body.{k}" for k in vstart if k != "head"} | {"head.weight"}
     vm = {k.replace("body.", "", 1).replace("head.weight", "head"): v for k, v in vm.items()}
     assert update_gap(vm, body.state_dict(), vstart) < 1e-4
@@ -909,7 +909,7 @@ def test_resume_refuses_another_stages_checkpoint_and_an_out_that_is_the_referen
     import shutil
     dpo, out = tmp_path / "dpo", tmp_path / "o"
     shutil.copytree(tiny[0], dpo)
-    torch.save({"step": 1, "stage": "dpo", "optimizer": {}}, dpo / "train_state.pt")  # as dpo.py leaves it
+    torch.save({"step": 1, "stage": "dpo", "sharded": ["model"]}, dpo / "train_state.pt")  # as dpo.py leaves it
     args = ("ppo_rlvr.py", "--data", tiny[1], "--preset", "tiny", "--eval-n", 0, "--prompts-per-step", 8,
             "--max-new-tokens", 4, "--advantage", "grpo", "--steps", 1)
     assert refusal(monkeypatch, capsys, *args, "--ckpt", tiny[0], "--out", dpo, "--resume") == (

@@ -20,7 +20,7 @@ import data
 import tasks
 from common import IGNORE
 from helpers import (adamw, clip_grads, kill_at_first_checkpoint, nan_checkpoint, python, recording_evaluate, refusal,
-                     run_here, update_gap)
+                     run_here, saved_state, update_gap)
 from model import Llama, LlamaConfig
 from tokenizer import Tokenizer
 
@@ -340,9 +340,10 @@ def test_kill_and_resume_matches_uninterrupted(tiny, tmp_path):
 
 
 def test_two_process_run_resumes_its_sharded_state(tiny, tmp_path):
-    """Under torchrun, --resume broadcasts rank 0's saved Adam moments and fp32 master weights (the safetensors
-    are bf16 here) into every rank's FSDP2 shards: 2 steps, then 2 more resumed, on 2 ranks, give the losses and
-    weights of 4 uninterrupted steps (on 1 process: 2 ranks equal 1, test_accumulation_and_two_process_fsdp_match)."""
+    """Under torchrun, every rank saves its shards of the Adam moments and fp32 master weights (the safetensors
+    are bf16 here) and --resume reads them back into its FSDP2 shards: 2 steps, then 2 more resumed, on 2 ranks,
+    give the losses and weights of 4 uninterrupted steps (on 1 process: 2 ranks equal 1,
+    test_accumulation_and_two_process_fsdp_match)."""
     args = ("--batch-size", 8, "--micro-batch-size", 4, "--schedule", "constant", "--warmup-ratio", 0,
             "--save-dtype", "bf16")
     full, out = tmp_path / "full", tmp_path / "two"
@@ -350,7 +351,8 @@ def test_two_process_run_resumes_its_sharded_state(tiny, tmp_path):
     run_sft(tiny, out, "--max-steps", 2, *args, nproc=2)
     assert f"resumed from {out} at step 2" in run_sft(tiny, out, "--max-steps", 4, "--resume", *args, nproc=2).stdout
     assert losses(str(out)) == pytest.approx(losses(str(full)), abs=1e-5)
-    master = [torch.load(d / "train_state.pt", weights_only=False)["model"] for d in (full, out)]
+    assert len(list((out / "train_state").glob("*.distcp"))) == 2  # one file of shards per rank
+    master = [saved_state(d, tmp_path)["model"]["model"] for d in (full, out)]
     assert update_gap(*master, Llama.from_pretrained(tiny[0]).state_dict()) < 1e-3
 
 
@@ -399,7 +401,7 @@ def test_trim_metrics_that_fails_midway_keeps_the_log(tmp_path, monkeypatch):
 
 def test_bf16_checkpoint_resumes_fp32_weights_and_drops_stale_index(tiny, tmp_path):
     # the real presets save bf16 safetensors: --resume must still continue from the fp32 master weights
-    # (kept in train_state.pt), and a shard index left by an earlier, sharded save must not survive
+    # (kept in train_state/), and a shard index left by an earlier, sharded save must not survive
     tok = Tokenizer.from_pretrained(tiny[0])
     model = Llama.from_pretrained(tiny[0])
     with torch.no_grad():
@@ -870,6 +872,18 @@ def test_bad_checkpoints_and_outputs_are_one_sentence(tiny, tmp_path, monkeypatc
     (tmp_path / "run" / "train_state.pt").write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(SystemExit, match="train_state.pt cannot be read .*: the checkpoint is damaged"):
         common.load_train_state(str(tmp_path / "run"), model, torch.optim.AdamW(model.parameters()))
+    # the sharded tensors beside it: missing, or a file of them cut short
+    torch.save({"step": 1, "sharded": ["model"]}, tmp_path / "run" / "train_state.pt")
+    with pytest.raises(SystemExit, match=r"train_state cannot be read \(FileNotFoundError.*: the checkpoint is damaged"):
+        common.load_train_state(str(tmp_path / "run"), model, torch.optim.AdamW(model.parameters()))
+    tok = Tokenizer.from_pretrained(tiny[0])
+    m = Llama.from_pretrained(tiny[0])
+    common.save_checkpoint(str(tmp_path / "run"), m, tok, torch.optim.AdamW(m.parameters()), {"step": 1})
+    (shards,) = (tmp_path / "run" / "train_state").glob("*.distcp")
+    shards.write_bytes(shards.read_bytes()[:100])
+    with pytest.raises(SystemExit, match=f"error: {tmp_path / 'run' / 'train_state'} cannot be read .*: the checkpoint "
+                                         f"is damaged; run without --resume, or put back a copy of {tmp_path / 'run'}"):
+        common.load_train_state(str(tmp_path / "run"), m, torch.optim.AdamW(m.parameters()))
 
 
 def test_a_loss_that_is_not_finite_stops_the_run(tiny, tmp_path, monkeypatch, capsys):
@@ -1035,7 +1049,7 @@ def test_a_second_run_into_an_out_still_being_written_is_refused(tiny, tmp_path,
 
 def test_process_group_outwaits_a_rank0_checkpoint_write(monkeypatch):
     """Under torchrun the other ranks wait in a collective while rank 0 alone reads the HF checkpoint and writes
-    the whole checkpoint (~112 GB at 8B, ~200 GB for PPO): the process group's timeout must outlast that, not be
+    the HF weights of a save (140 GB at 70B in bf16): the process group's timeout must outlast that, not be
     NCCL's default 10 minutes. NANOPOST_TIMEOUT_S sets it."""
     import datetime
     got = {}
