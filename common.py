@@ -318,7 +318,7 @@ def token_logprobs(model, input_ids, targets, temperature=1.0, **fw):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: the output directory is itself an HF checkpoint plus train_state.pt
+# checkpoints: the output directory is itself an HF checkpoint plus train_state.pt and train_state/
 
 
 def save_checkpoint(out, model, tokenizer, optimizer=None, state=None, dtype=None, others=None):
