@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import logging
 import math
 import os
 import pickle
@@ -368,10 +369,19 @@ def sharded_state(modules):
 
 @contextlib.contextmanager
 def single_process_quiet():
-    # torch.distributed.checkpoint warns on every call without a process group that it "assumes" one process
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
+    # torch.distributed.checkpoint warns on every call without a process group that it "assumes" one process; and
+    # it logs to the root logger, with a traceback each, every failed attempt at a missing or damaged .metadata
+    # (on every rank) before it raises the error that load_train_state turns into one sentence
+    def not_dcp(record):
+        return record.name != "root" or os.path.join("distributed", "checkpoint", "") not in record.pathname
+    root = logging.getLogger()
+    root.addFilter(not_dcp)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            yield
+    finally:
+        root.removeFilter(not_dcp)
 
 
 _claims = {}  # lock file -> its open file, held for the life of the process (closing any fd on it drops the lock)
@@ -446,6 +456,8 @@ def load_train_state(ckpt, model, optimizer, others=None):
     try:
         if not os.path.isdir(path):
             raise FileNotFoundError("no such directory")
+        if not os.path.isfile(os.path.join(path, ".metadata")):  # (a copy made with train_state/*: no dot files)
+            raise FileNotFoundError("no .metadata in it")
         with single_process_quiet():
             dcp.load(tree, checkpoint_id=path, no_dist=not is_dist())
     except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001  (the latter: a BaseException)

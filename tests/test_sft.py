@@ -5,6 +5,7 @@ data.py and sft.py: assistant-only targets, packing, loss normalisation, FSDP2 p
 """
 import gzip
 import json
+import logging
 import math
 import os
 import shutil
@@ -884,6 +885,22 @@ def test_bad_checkpoints_and_outputs_are_one_sentence(tiny, tmp_path, monkeypatc
     with pytest.raises(SystemExit, match=f"error: {tmp_path / 'run' / 'train_state'} cannot be read .*: the checkpoint "
                                          f"is damaged; run without --resume, or put back a copy of {tmp_path / 'run'}"):
         common.load_train_state(str(tmp_path / "run"), m, torch.optim.AdamW(m.parameters()))
+
+
+def test_a_train_state_without_its_metadata_is_one_sentence_without_tracebacks(tiny, tmp_path, caplog):
+    # train_state/ copied with `cp train_state/*` (no dot files) or its .metadata cut short:
+    # torch.distributed.checkpoint logs a traceback per attempt to read it, on every rank, before the sentence
+    tok, m = Tokenizer.from_pretrained(tiny[0]), Llama.from_pretrained(tiny[0])
+    run = str(tmp_path / "run")
+    common.save_checkpoint(run, m, tok, torch.optim.AdamW(m.parameters()), {"step": 1})
+    meta = os.path.join(run, "train_state", ".metadata")
+    for damage, why in [(lambda: os.truncate(meta, 50), "AssertionError"),
+                        (lambda: os.remove(meta), "FileNotFoundError: no .metadata")]:
+        damage()
+        caplog.clear()
+        with pytest.raises(SystemExit, match=f"train_state cannot be read \\({why}.*: the checkpoint is damaged"):
+            common.load_train_state(run, m, torch.optim.AdamW(m.parameters()))
+        assert not [r for r in caplog.records if r.name == "root"], caplog.text  # (dcp's own logger: a NullHandler)
 
 
 def test_a_loss_that_is_not_finite_stops_the_run(tiny, tmp_path, monkeypatch, capsys):
