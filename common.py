@@ -454,6 +454,10 @@ def load_train_state(ckpt, model, optimizer, others=None):
              for name, (_, o) in modules.items()}
     tree = sharded_state(modules)
     try:
+        if not os.path.isdir(path) and "optimizer" in st:  # (not damaged: the whole state pickled in train_state.pt)
+            raise SystemExit(f"error: {ckpt} was saved by an earlier nanopost (its optimizer state is in "
+                             "train_state.pt, not in train_state/): resume it with that version, or run without "
+                             "--resume")
         if not os.path.isdir(path):
             raise FileNotFoundError("no such directory")
         if not os.path.isfile(os.path.join(path, ".metadata")):  # (a copy made with train_state/*: no dot files)

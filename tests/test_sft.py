@@ -903,6 +903,18 @@ def test_a_train_state_without_its_metadata_is_one_sentence_without_tracebacks(t
         assert not [r for r in caplog.records if r.name == "root"], caplog.text  # (dcp's own logger: a NullHandler)
 
 
+def test_a_checkpoint_in_the_earlier_format_is_not_called_damaged(tmp_path):
+    # train_state.pt with the whole optimizer state (and, for bf16 saves, the fp32 weights) and no train_state/:
+    # written by nanopost before the sharded saves; it is whole, only not readable by this version
+    model = torch.nn.Linear(2, 2)
+    (tmp_path / "run").mkdir()
+    torch.save({"step": 4, "optimizer": torch.optim.AdamW(model.parameters()).state_dict()},
+               tmp_path / "run" / "train_state.pt")
+    with pytest.raises(SystemExit) as e:
+        common.load_train_state(str(tmp_path / "run"), model, torch.optim.AdamW(model.parameters()))
+    assert "saved by an earlier nanopost" in str(e.value) and "damaged" not in str(e.value)
+
+
 def test_a_loss_that_is_not_finite_stops_the_run(tiny, tmp_path, monkeypatch, capsys):
     # before the optimizer step that would spread the NaN into every weight, and before any save
     err = refusal(monkeypatch, capsys, "sft.py", "--ckpt", nan_checkpoint(tiny[0], tmp_path / "nan"), "--data",
