@@ -521,11 +521,16 @@ def start_run(out, resume, stage, ref=None):
     if saved.get("stage", stage) != stage:
         raise SystemExit(f"error: --resume: the checkpoint in {out} was saved by the {saved['stage']} stage, not by "
                          f"{stage}; give this run an --out of its own (another stage's output goes in --ckpt)")
-    if ref is None:
-        return resumed, None
-    if os.path.realpath(out) == os.path.realpath(ref):
+    if ref is not None and os.path.realpath(out) == os.path.realpath(ref):
         raise SystemExit(f"error: --out {out} is --ckpt {ref}, this run's reference: a save would overwrite it; "
                          "give the run an --out of its own")
+    if not resume:
+        # a fresh run: the earlier run's checkpoint in `out` goes now, not at this run's first write (resume()): a
+        # kill in between (loading, tokenizing, DPO's reference pass: hours at 8B) left it resumable, and --resume
+        # then went on from the other run's weights and step instead of starting this run afresh
+        forget_checkpoint(out)
+    if ref is None:
+        return resumed, None
     fp = fingerprint(ref)
     if saved.get("start", fp) != fp:
         raise SystemExit(f"error: {ref} is not the checkpoint the run in {out} started from (its weights have "
@@ -566,7 +571,7 @@ def resume(resumed, out, model, optimizer, args, total, others=None):
 
 
 def forget_checkpoint(out):
-    """A fresh run's first write to `out` (rank 0): the earlier run's checkpoint there stops being resumable (its
+    """At a fresh run's start (start_run, rank 0): the earlier run's checkpoint in `out` stops being resumable (its
     train_state.pt and train_state/ go; the weights stay). The fresh run restarts the log (resume ->
     trim_metrics) and DPO rewrites pairs.jsonl, so a kill before this run's first save must not leave `out`
     resumable at the earlier run's step: --resume would go on from another run's weights, with the log missing

@@ -1053,6 +1053,29 @@ def test_a_fresh_run_killed_before_its_first_save_does_not_resume_the_earlier_ru
     assert max_diff(weights(out), weights(tmp_path / "full")) < 1e-5
 
 
+def test_a_fresh_run_killed_before_any_write_does_not_resume_the_earlier_runs_checkpoint(tiny, tmp_path, monkeypatch):
+    """Killed before it wrote anything to --out (loading, tokenizing; DPO's reference pass), the fresh run's --resume
+    must still start afresh: it went on from the earlier run's finished checkpoint (its weights, its step)."""
+    args = ("--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--val-frac", 0, "--max-steps", 4,
+            "--batch-size", 8, "--micro-batch-size", 8, "--save-every", 2)
+    run_here(monkeypatch, "sft.py", *args, "--out", tmp_path / "full")
+    out = tmp_path / "run"
+    run_here(monkeypatch, "sft.py", *args, "--out", out, "--lr", "1e-2")  # the earlier run: finished, other flags
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*a, **kw):
+        raise Killed
+    with monkeypatch.context() as m:
+        m.setattr(common, "build_optimizer", killed)  # dies after loading the model, before any write to --out
+        with pytest.raises(Killed):
+            run_here(m, "sft.py", *args, "--out", out)
+    run_here(monkeypatch, "sft.py", *args, "--out", out, "--resume")
+    assert [json.loads(ln)["step"] for ln in open(out / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert max_diff(weights(out), weights(tmp_path / "full")) < 1e-5
+
+
 def test_a_second_run_into_an_out_still_being_written_is_refused(tiny, tmp_path, monkeypatch, capsys):
     """A torchrun launcher killed with SIGKILL leaves its workers training on (each in a session of its own); a
     --resume started then wrote into the same --out beside them: metrics.jsonl got steps twice and out of order,
