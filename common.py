@@ -435,7 +435,8 @@ def read_train_state(ckpt):
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
-        raise SystemExit(f"error: {path} cannot be read ({str(e).splitlines()[0]}): the checkpoint is damaged; "
+        why = str(e).splitlines()[0].split(". ")[0]  # (torch's for a file cut short goes on about miniz)
+        raise SystemExit(f"error: {path} cannot be read ({why}): the checkpoint is damaged; "
                          f"run without --resume, or put back a copy of {ckpt}") from None
 
 
@@ -467,7 +468,8 @@ def load_train_state(ckpt, model, optimizer, others=None):
     except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001  (the latter: a BaseException)
         if isinstance(e, dcp.api.CheckpointException):  # the first failing rank's own exception
             e = next(iter(e.failures.values()))[0]
-        why = " ".join([type(e).__name__ + ":"] + str(e).strip().splitlines()[:1])
+        # its first sentence: torch's for a shard cut short goes on with four more about miniz and corrupted files
+        why = " ".join([type(e).__name__ + ":"] + [ln.split(". ")[0] for ln in str(e).strip().splitlines()[:1]])
         raise SystemExit(f"error: {path} cannot be read ({why}): the checkpoint is damaged; run without --resume, "
                          f"or put back a copy of {ckpt}") from None
     for name, (m, o) in modules.items():

@@ -903,6 +903,25 @@ def test_a_train_state_without_its_metadata_is_one_sentence_without_tracebacks(t
         assert not [r for r in caplog.records if r.name == "root"], caplog.text  # (dcp's own logger: a NullHandler)
 
 
+def test_a_shard_cut_short_is_one_sentence(tiny, tmp_path):
+    # torch's error for a .distcp cut short is five sentences on one line ("... This is an internal miniz error. If
+    # you are seeing this error, ..."): the message keeps its first
+    tok, m = Tokenizer.from_pretrained(tiny[0]), Llama.from_pretrained(tiny[0])
+    run = str(tmp_path / "run")
+    common.save_checkpoint(run, m, tok, torch.optim.AdamW(m.parameters()), {"step": 1})
+    (shard,) = (tmp_path / "run" / "train_state").glob("*.distcp")
+    os.truncate(shard, shard.stat().st_size // 2)
+    with pytest.raises(SystemExit) as e:
+        common.load_train_state(run, m, torch.optim.AdamW(m.parameters()))
+    assert "(RuntimeError: PytorchStreamReader failed reading zip archive: failed finding central directory): the " \
+           "checkpoint is damaged" in str(e.value) and "miniz" not in str(e.value), e.value
+    pt = os.path.join(run, "train_state.pt")  # and train_state.pt cut short, read by read_train_state
+    os.truncate(pt, os.path.getsize(pt) // 2)
+    with pytest.raises(SystemExit) as e:
+        common.load_train_state(run, m, torch.optim.AdamW(m.parameters()))
+    assert "train_state.pt cannot be read (" in str(e.value) and "miniz" not in str(e.value), e.value
+
+
 def test_a_checkpoint_in_the_earlier_format_is_not_called_damaged(tmp_path):
     # train_state.pt with the whole optimizer state (and, for bf16 saves, the fp32 weights) and no train_state/:
     # written by nanopost before the sharded saves; it is whole, only not readable by this version
