@@ -526,10 +526,10 @@ def start_run(out, resume, stage, ref=None):
     if ref is not None and os.path.realpath(out) == os.path.realpath(ref):
         raise SystemExit(f"error: --out {out} is --ckpt {ref}, this run's reference: a save would overwrite it; "
                          "give the run an --out of its own")
-    if not resume:
-        # a fresh run: the earlier run's checkpoint in `out` goes now, not at this run's first write (resume()): a
-        # kill in between (loading, tokenizing, DPO's reference pass: hours at 8B) left it resumable, and --resume
-        # then went on from the other run's weights and step instead of starting this run afresh
+    if resumed is None:
+        # a fresh run: the earlier run's checkpoint in `out` goes now, not at this run's first write: a kill in
+        # between (loading, tokenizing, DPO's reference pass: hours at 8B) left it resumable, and --resume then
+        # went on from the other run's weights and step instead of starting this run afresh
         forget_checkpoint(out)
     if ref is None:
         return resumed, None
@@ -562,8 +562,7 @@ def resume(resumed, out, model, optimizer, args, total, others=None):
             # pipeline.py as this stage's); the run writes its own at the end
             if os.path.isfile(os.path.join(out, "eval.json")):
                 os.remove(os.path.join(out, "eval.json"))
-    elif is_rank0():  # an earlier run's results in this directory are not this run's
-        forget_checkpoint(out)
+    elif is_rank0():  # an earlier run's results in this directory are not this run's (its checkpoint: start_run)
         for f in ("eval.json", "start_eval.json"):
             if os.path.isfile(os.path.join(out, f)):
                 os.remove(os.path.join(out, f))

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (IGNORE, add_eval_args, add_optim_args, all_reduce, build_optimizer, check_out, cleanup,
-                    clip_grad_norm, earlier_eval, evaluate, forget_checkpoint, init_distributed, is_dist, load_model,
-                    log_metrics, lr_at, make_out, number, plan_steps, positive, print0, read_checkpoint, reshard,
-                    resume, save_checkpoint, seed_everything, start_run, token_logprobs, write_json)
+                    clip_grad_norm, earlier_eval, evaluate, init_distributed, is_dist, load_model, log_metrics, lr_at,
+                    make_out, number, plan_steps, positive, print0, read_checkpoint, reshard, resume, save_checkpoint,
+                    seed_everything, start_run, token_logprobs, write_json)
 from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_eval_prompts
 from tokenizer import Tokenizer, tokenize_conversation
 
@@ -272,9 +272,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
             torch.distributed.all_gather_object(got, found)
             found = [x for g in got for x in g]
         if rank == 0:
-            make_out(args.out)
-            if not resumed:  # the pairs of an earlier run's checkpoint here are about to be replaced
-                forget_checkpoint(args.out)
+            make_out(args.out)  # (an earlier run's checkpoint here, whose pairs these replace: start_run forgot it)
             with open(pairs_file + ".tmp", "w") as f:
                 f.writelines(json.dumps(row) + "\n" for _, row in sorted(found, key=lambda x: x[0]))
             os.replace(pairs_file + ".tmp", pairs_file)

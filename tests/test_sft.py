@@ -5,7 +5,6 @@ data.py and sft.py: assistant-only targets, packing, loss normalisation, FSDP2 p
 """
 import gzip
 import json
-import logging
 import math
 import os
 import shutil
