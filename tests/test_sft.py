@@ -1044,11 +1044,14 @@ def test_a_finished_run_resumed_for_more_steps_drops_its_evaluation(tmp_path, mo
     assert os.path.isfile(a / "eval.json")
 
 
+@pytest.mark.parametrize("dies_in, logged", [("save_checkpoint", [0, 1]), ("build_optimizer", None)])
 def test_a_fresh_run_killed_before_its_first_save_does_not_resume_the_earlier_runs_checkpoint(tiny, tmp_path,
-                                                                                             monkeypatch):
+                                                                                             monkeypatch, dies_in,
+                                                                                             logged):
     """A fresh run (no --resume) in a directory that holds an earlier run's checkpoint starts a new log; killed
-    before its own first save, --resume must start afresh, not go on from the earlier run's weights and step
-    (which left the log without the steps in between and the weights of another run)."""
+    before its own first save (at it, two steps logged; or before any write to --out: loading, tokenizing, DPO's
+    reference pass), --resume must start afresh, not go on from the earlier run's weights and step (which left
+    the log without the steps in between and the weights of another run)."""
     args = ("--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--val-frac", 0, "--max-steps", 4,
             "--batch-size", 8, "--micro-batch-size", 8, "--save-every", 2)
     run_here(monkeypatch, "sft.py", *args, "--out", tmp_path / "full")
@@ -1061,36 +1064,14 @@ def test_a_fresh_run_killed_before_its_first_save_does_not_resume_the_earlier_ru
     def killed(*a, **kw):
         raise Killed
     with monkeypatch.context() as m:
-        m.setattr(common, "save_checkpoint", killed)  # dies at its first save, two steps logged
+        m.setattr(common, dies_in, killed)
         with pytest.raises(Killed):
             run_here(m, "sft.py", *args, "--out", out)
-    assert [json.loads(ln)["step"] for ln in open(out / "metrics.jsonl")] == [0, 1]
+    if logged is not None:
+        assert [json.loads(ln)["step"] for ln in open(out / "metrics.jsonl")] == logged
     run_here(monkeypatch, "sft.py", *args, "--out", out, "--resume")
     assert [json.loads(ln)["step"] for ln in open(out / "metrics.jsonl")] == [0, 1, 2, 3]
     assert losses(out) == pytest.approx(losses(tmp_path / "full"), rel=1e-5)
-    assert max_diff(weights(out), weights(tmp_path / "full")) < 1e-5
-
-
-def test_a_fresh_run_killed_before_any_write_does_not_resume_the_earlier_runs_checkpoint(tiny, tmp_path, monkeypatch):
-    """Killed before it wrote anything to --out (loading, tokenizing; DPO's reference pass), the fresh run's --resume
-    must still start afresh: it went on from the earlier run's finished checkpoint (its weights, its step)."""
-    args = ("--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--val-frac", 0, "--max-steps", 4,
-            "--batch-size", 8, "--micro-batch-size", 8, "--save-every", 2)
-    run_here(monkeypatch, "sft.py", *args, "--out", tmp_path / "full")
-    out = tmp_path / "run"
-    run_here(monkeypatch, "sft.py", *args, "--out", out, "--lr", "1e-2")  # the earlier run: finished, other flags
-
-    class Killed(BaseException):
-        pass
-
-    def killed(*a, **kw):
-        raise Killed
-    with monkeypatch.context() as m:
-        m.setattr(common, "build_optimizer", killed)  # dies after loading the model, before any write to --out
-        with pytest.raises(Killed):
-            run_here(m, "sft.py", *args, "--out", out)
-    run_here(monkeypatch, "sft.py", *args, "--out", out, "--resume")
-    assert [json.loads(ln)["step"] for ln in open(out / "metrics.jsonl")] == [0, 1, 2, 3]
     assert max_diff(weights(out), weights(tmp_path / "full")) < 1e-5
 
 
