@@ -248,7 +248,8 @@ def add_optim_args(p):
                    help="recompute each block in backward (default: the preset's)")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (training "
                    "forward and backward; generation stays eager)")
-    p.add_argument("--save-every", type=count, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--save-every", type=count, default=None, help="checkpoint every N steps (0: only at the end; "
+                   "default: the preset's, 100 in ppo_rlvr.py's tulu3-8b as Tülu 3's RLVR run, else 0)")
     p.add_argument("--save-dtype", choices=["fp32", "bf16"], default=None)
 
 

@@ -399,18 +399,19 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
         "tiny": dict(steps=60, max_new_tokens=64, max_prompt_len=256, verify_reward=10.0,
                      beta=0.05, kl_estimator="k1", gamma=1.0, lam=0.95, clip=0.2, value_clip=0.2, vf_coef=0.1,
                      ppo_epochs=4, mini_batches=1, micro_batch_size=64, lr=3e-5, value_lr=3e-4, schedule="constant",
-                     warmup_ratio=0.0, save_dtype="fp32", grad_checkpoint=False, eval_batch_size=256),
+                     warmup_ratio=0.0, save_dtype="fp32", grad_checkpoint=False, eval_batch_size=256, save_every=0),
         # Tülu 3 8B RLVR (open-instruct docs/tulu3.md and ppo_vllm_thread_ray_gtrl.py defaults): beta 0.05
         # k1, lr 3e-7 linear no warmup, gamma 1, lambda 0.95, clip 0.2, value clip 0.2, vf_coef 0.1,
         # 4 epochs x 1 mini-batch of 224 rollouts (1 sample/prompt), response 2048, reward 10, no-EOS -10;
         # gradient checkpointing on, as Tülu 3's RLVR runs: a micro-batch of 2 x (prompt + response) <= 8192 tokens
         # goes through the policy and the value model in one graph, ~6 MiB/token of saved activations each at 8B
-        # without it (196 KiB per token per block, measured): ~100 GB over the 35 GB of sharded states on an 80 GB GPU
+        # without it (196 KiB per token per block, measured): ~100 GB over the 35 GB of sharded states on an 80 GB GPU;
+        # a checkpoint every 100 steps, as Tülu 3's RLVR run saved
         "tulu3-8b": dict(steps=10_000_000 // 224, prompts_per_step=224, max_new_tokens=2048, max_prompt_len=2048,
                          verify_reward=10.0, no_eos_penalty=-10.0, beta=0.05, kl_estimator="k1", gamma=1.0,
                          lam=0.95, clip=0.2, value_clip=0.2, vf_coef=0.1, ppo_epochs=4, mini_batches=1,
                          micro_batch_size=2, lr=3e-7, schedule="linear", warmup_ratio=0.0, save_dtype="bf16",
-                         grad_checkpoint=True, eval_batch_size=64),
+                         grad_checkpoint=True, eval_batch_size=64, save_every=100),
     }
     # the built-in tasks train a 0.85M-parameter model; data of one's own is for a real checkpoint, whose
     # tiny-model hyperparameters (lr 3e-5, value lr 3e-4, fp32 saves) would wreck it
@@ -537,7 +538,8 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
            f"mini-batches | beta {beta} {args.kl_estimator}{' adaptive' if args.kl_target else ''} | "
            f"world {world} | device {device}")
     value_lr = f" (value {args.value_lr})" if vm is not None else ""
-    print0(f"preset {args.preset}: lr {args.lr} {args.schedule}{value_lr}, saved in {args.save_dtype}")
+    every = f" every {args.save_every} steps" if args.save_every else " at the end"
+    print0(f"preset {args.preset}: lr {args.lr} {args.schedule}{value_lr}, saved in {args.save_dtype}{every}")
     if args.kl_target is not None:  # Ziegler's horizon is in episodes: a short run barely moves beta
         # in logs: the power itself overflows a float, e.g. (1 + 0.2 x 896 / 10000) ** 44642 (tulu3-8b preset, grpo)
         log_most = args.steps * math.log1p(0.2 * P * n / args.kl_horizon)

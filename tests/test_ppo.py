@@ -489,12 +489,15 @@ def test_tulu3_preset_checkpoints_the_policy_and_value_model(tiny, tmp_path, mon
     monkeypatch.setattr(common, "load_model", spy)
     monkeypatch.setattr(model_mod, "generate", first_rollout)
     args = ("ppo_rlvr.py", "--ckpt", tiny[0], "--data", tiny[1], "--out", tmp_path / "o", "--prompts-per-step", 8)
-    for extra, want in ((("--preset", "tulu3-8b"), True), (("--preset", "tiny"), False),
-                        (("--preset", "tulu3-8b", "--no-grad-checkpoint"), False),
-                        (("--preset", "tiny", "--grad-checkpoint"), True)):
+    for extra, want, saved in ((("--preset", "tulu3-8b"), True, "bf16 every 100 steps"),
+                               (("--preset", "tiny"), False, "fp32 at the end"),
+                               (("--preset", "tulu3-8b", "--no-grad-checkpoint", "--save-every", 0), False,
+                                "bf16 at the end"),
+                               (("--preset", "tiny", "--grad-checkpoint"), True, "fp32 at the end")):
         seen.clear()
         assert refusal(monkeypatch, capsys, *args, *extra) == "reached the first rollout"
         assert seen == [want, None, want], (extra, seen)  # policy, reference, value model's body
+        assert f", saved in {saved}\n" in capsys.readouterr().out  # (Tülu 3's RLVR run saved every 100 steps)
 
 
 def test_resume_takes_this_runs_weight_decay_for_both_optimizers(tiny, tmp_path, monkeypatch):
