@@ -85,10 +85,16 @@ def gsm8k_gold(ground_truth):
     raise ValueError(f"gsm8k: ground truth {str(ground_truth)[-80:]!r} does not end in a number")
 
 
-def _gsm8k(response, gold):
-    # Drop thousands commas between digits, then take the last number: "$1,200." -> "1200".
+def gsm8k_pred(response):
+    """The number the GSM8K verifier reads from a response, or None: thousands commas between digits dropped,
+    then the last number ("$1,200." -> "1200")."""
     nums = _NUMBER.findall(re.sub(r"(\d),(\d)", r"\1\2", response, flags=re.ASCII))
-    return float(bool(nums) and decimal.Decimal(nums[-1]) == gold)  # numeric: "18.00" == "18"
+    return nums[-1] if nums else None
+
+
+def _gsm8k(response, gold):
+    pred = gsm8k_pred(response)
+    return float(pred is not None and decimal.Decimal(pred) == gold)  # numeric: "18.00" == "18"
 
 
 def gsm8k(response, ground_truth):

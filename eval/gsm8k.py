@@ -13,7 +13,6 @@ GSM8K 8-shot chain-of-thought, the protocol Tülu 3 reports (OLMES `gsm8k::tulu`
     torchrun --standalone --nproc_per_node=8 -m eval.gsm8k --ckpt out/sft
 """
 import os
-import re
 import time
 
 import verifiers
@@ -62,9 +61,8 @@ def score(rows, responses):
     """-> (records, metrics): one verdict per response against its row's "#### N" answer, and the accuracy."""
     records = []
     for i, (r, resp) in enumerate(zip(rows, responses)):
-        nums = verifiers._NUMBER.findall(re.sub(r"(\d),(\d)", r"\1\2", resp, flags=re.ASCII))  # as verifiers._gsm8k
         records.append({"id": r.get("id", i), "question": r["question"], "gold": str(verifiers.gsm8k_gold(r["answer"])),
-                        "pred": nums[-1] if nums else None, "correct": verifiers.gsm8k(resp, r["answer"])})
+                        "pred": verifiers.gsm8k_pred(resp), "correct": verifiers.gsm8k(resp, r["answer"])})
     return records, {"exact_match": sum(x["correct"] for x in records) / max(len(records), 1)}
 
 
