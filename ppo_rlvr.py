@@ -49,7 +49,8 @@ Both keep PPO's per-token ratio clipping and several epochs over a batch (with 1
 the ratio is 1 and the update is the plain policy gradient; TRL's RLOO clips one ratio per sequence).
 
 Memory: the policy, the frozen reference and the value model are all resident, FSDP2-sharded alike (so
-each rank holds 1/world of each; the value model has no LM head). It starts from --value-ckpt: a causal
+each rank holds 1/world of each; the value model has no LM head; on CUDA the reference is stored in bf16, as
+it computes, with no fp32 master weights). It starts from --value-ckpt: a causal
 LM's body with a zero head, or an HF reward model (*ForSequenceClassification, 1 label) whole, as Tülu 3
 starts its value model from a reward model. The reference is skipped when beta is 0 and not adaptive, the value
 model outside --advantage gae. The entropy logged is the mean of -logp of the sampled tokens (a
