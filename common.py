@@ -91,14 +91,20 @@ def seed_everything(seed):
 # model on the device: load, shard, and gather back
 
 
-def load_model(path, device, requires_grad=True, grad_checkpoint=False, body_only=False, compile=False):
+def load_model(path, device, requires_grad=True, grad_checkpoint=False, body_only=False, compile=False,
+               weights=True):
     """Loads an HF checkpoint for training. CPU single process: fp32 module. CUDA / torchrun: built on
     the meta device, FSDP2-sharded per block and at the root, then filled from rank 0's full state
     dict by broadcast, so no rank ever holds a second full copy on the GPU; frozen (requires_grad=False), in
     the compute dtype. body_only: no output projection (a value model's body; see Llama.from_pretrained).
-    compile: Llama.compile_blocks."""
+    compile: Llama.compile_blocks. weights=False: the config's module with its parameters unset (uninitialised
+    memory), for a resume, whose load_train_state fills them with the fp32 master weights the safetensors are a
+    copy of (reading those too costs rank 0 16 GB of reads and a broadcast at 8B, for nothing)."""
     if not is_dist():
-        model = read_checkpoint(Llama.from_pretrained, path, device=device, dtype=torch.float32, body_only=body_only)
+        model = read_checkpoint(Llama.from_pretrained, path, device=device, dtype=torch.float32, body_only=body_only,
+                                weights=weights)
+        if not weights:
+            model.to_empty(device=device)
         if compile:
             model.compile_blocks()
         model.grad_checkpoint = grad_checkpoint
@@ -108,7 +114,7 @@ def load_model(path, device, requires_grad=True, grad_checkpoint=False, body_onl
 
     full = None
     if dist.get_rank() == 0:
-        full = read_checkpoint(Llama.from_pretrained, path, device="cpu", body_only=body_only)
+        full = read_checkpoint(Llama.from_pretrained, path, device="cpu", body_only=body_only, weights=weights)
     obj = [full.cfg if full is not None else None]
     dist.broadcast_object_list(obj, src=0)  # the config is small: every rank builds the same module
     with torch.device("meta"):
@@ -124,9 +130,10 @@ def load_model(path, device, requires_grad=True, grad_checkpoint=False, body_onl
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     model.to_empty(device=device)
-    sd = full.state_dict() if full is not None else {}
-    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del full, sd
+    if weights:
+        sd = full.state_dict() if full is not None else {}
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
     model.grad_checkpoint = grad_checkpoint
     return model.requires_grad_(requires_grad)
 

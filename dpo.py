@@ -402,7 +402,8 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
 
     if resumed:  # the policy continues from the checkpoint; the start model has done its part
         del model
-        model = load_model(resumed, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile)
+        model = load_model(resumed, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile,
+                           weights=False)  # resume() fills it from train_state/
     model.train()
     opt = build_optimizer(model, args.lr, args.weight_decay)
     start = resume(resumed, args.out, model, opt, args, total)["step"]

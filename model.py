@@ -342,13 +342,14 @@ class Llama(nn.Module):
     # HF checkpoints in and out
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, body_only=False):
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, body_only=False, weights=True):
         """Loads config.json + model.safetensors or shards listed in model.safetensors.index.json.
         Strict: every parameter must be present once with the right shape, nothing extra.
         Built on the meta device and filled tensor by tensor: no second full copy in memory.
         body_only=True loads the transformer without its output projection: the body of a value model,
         from a causal LM (lm_head.weight is skipped) or from an HF *ForSequenceClassification reward model
-        (whose score.weight is left for the caller: read_tensor(path, "score.weight"))."""
+        (whose score.weight is left for the caller: read_tensor(path, "score.weight")). weights=False: the
+        config's module alone, on the meta device, for a caller that fills it from elsewhere (a resume)."""
         cfg_path = os.path.join(path, "config.json")
         d = read_json(cfg_path)
         if d is None:
@@ -361,6 +362,8 @@ class Llama(nn.Module):
         skip = {"lm_head.weight", "score.weight"} if body_only else set()
         with torch.device("meta"):
             model = cls(cfg, body_only=body_only)
+        if not weights:
+            return model
         expected = {k: v.shape for k, v in model.state_dict().items()}
         sd, seen, tied_head = {}, {}, None
         for fpath in checkpoint_files(path):

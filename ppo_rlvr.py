@@ -297,11 +297,13 @@ class ValueModel(nn.Module):
                 self.head.weight.copy_(score)
 
     @classmethod
-    def from_pretrained(cls, path, device, grad_checkpoint=False, compile=False):
+    def from_pretrained(cls, path, device, grad_checkpoint=False, compile=False, weights=True):
         """From a causal LM or an HF *ForSequenceClassification reward model with one label. Under
-        torchrun rank 0 reads the score layer and broadcasts it (load_model shards the body)."""
-        body = load_model(path, device, grad_checkpoint=grad_checkpoint, body_only=True, compile=compile)
-        score = read_tensor(path, "score.weight") if is_rank0() else None
+        torchrun rank 0 reads the score layer and broadcasts it (load_model shards the body). weights=False:
+        the shapes alone, for a resume to fill (load_model)."""
+        body = load_model(path, device, grad_checkpoint=grad_checkpoint, body_only=True, compile=compile,
+                          weights=weights)
+        score = read_tensor(path, "score.weight") if is_rank0() and weights else None
         if score is not None and score.shape != (1, body.cfg.dim):
             raise ValueError(f"{path}: score.weight has shape {tuple(score.shape)}; a value head needs one "
                              f"label, shape (1, {body.cfg.dim})")
@@ -501,13 +503,15 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     # a resumed run the checkpoint it started from.
     need_ref = args.beta > 0 or args.kl_target is not None
     resumed, start_fp = start_run(args.out, args.resume, "rlvr", ref=args.ckpt if need_ref else None)
-    policy = load_model(resumed or args.ckpt, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile)
+    # a resume fills the policy and the value model from train_state/ (resume()), not from safetensors first
+    policy = load_model(resumed or args.ckpt, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile,
+                        weights=not resumed)
     policy.train()
     ref = load_model(args.ckpt, device, requires_grad=False, compile=args.compile).eval() if need_ref else None
     vm = None
     if args.advantage == "gae":
         vm = read_checkpoint(ValueModel.from_pretrained, args.value_ckpt or args.ckpt, device=device,
-                             grad_checkpoint=args.grad_checkpoint, compile=args.compile)
+                             grad_checkpoint=args.grad_checkpoint, compile=args.compile, weights=not resumed)
         if is_dist():  # the head joins the FSDP2 mesh too (the body's blocks were sharded by load_model)
             from torch.distributed.fsdp import fully_shard
             fully_shard(vm, mp_policy=mp_policy(device))

@@ -134,7 +134,9 @@ if args.add_bos:
         tok.add_bos()
     except ValueError as e:
         raise SystemExit(f"error: --add-bos: {e}")
-model = load_model(resumed or ckpt, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile)
+# a resume's weights come from its train_state/ (the fp32 master weights), not from its safetensors too
+model = load_model(resumed or ckpt, device, grad_checkpoint=args.grad_checkpoint, compile=args.compile,
+                   weights=not resumed)
 model.train()
 
 # -----------------------------------------------------------------------------

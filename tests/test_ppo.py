@@ -502,7 +502,7 @@ def test_tulu3_preset_checkpoints_the_policy_and_value_model(tiny, tmp_path, mon
 
 def test_resume_takes_this_runs_weight_decay_for_both_optimizers(tiny, tmp_path, monkeypatch):
     """A resumed run keeps the saved Adam moments but the flags it was given ("in effect from here"): the value
-    model's optimizer too, not only the policy's."""
+    model's optimizer too, not only the policy's. Its weights are read once, from train_state/."""
     import common
     made = []
 
@@ -515,7 +515,12 @@ def test_resume_takes_this_runs_weight_decay_for_both_optimizers(tiny, tmp_path,
             "--eval-n", 0, "--prompts-per-step", 8, "--max-new-tokens", 4)
     run_here(monkeypatch, *args, "--steps", 1)
     made.clear()
+    import model
+    opened, safe_open = [], model.safe_open
+    monkeypatch.setattr(model, "safe_open", lambda f, *a, **k: opened.append(os.path.dirname(f)) or safe_open(f, *a, **k))
     run_here(monkeypatch, *args, "--steps", 2, "--weight-decay", 0.1, "--resume")
+    # the weights read: the reference's alone; the policy and the value model come from train_state/ only
+    assert opened == [tiny[0]]
     assert len(made) == 2  # the policy's and the value model's
     for name, opt in zip(("policy", "value model"), made):
         assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0], name  # matrices, then norms and biases
