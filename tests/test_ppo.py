@@ -517,7 +517,8 @@ def test_resume_takes_this_runs_weight_decay_for_both_optimizers(tiny, tmp_path,
     made.clear()
     import model
     opened, safe_open = [], model.safe_open
-    monkeypatch.setattr(model, "safe_open", lambda f, *a, **k: opened.append(os.path.dirname(f)) or safe_open(f, *a, **k))
+    monkeypatch.setattr(model, "safe_open",
+                        lambda f, *a, **k: opened.append(os.path.dirname(f)) or safe_open(f, *a, **k))
     run_here(monkeypatch, *args, "--steps", 2, "--weight-decay", 0.1, "--resume")
     # the weights read: the reference's alone; the policy and the value model come from train_state/ only
     assert opened == [tiny[0]]
