@@ -49,10 +49,13 @@ def init_distributed():
         # rank 0 alone reads the HF checkpoint (load_model) and writes the HF weights of a save (16 GB at 8B in
         # bf16, 140 GB at 70B, by one thread) while the other ranks wait in a collective; NCCL's default timeout
         # (10 minutes) would kill them first on a slow filesystem
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
-                                timeout=datetime.timedelta(seconds=int(os.environ.get("NANOPOST_TIMEOUT_S", 3600))))
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None, timeout=timeout())
         return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, torch.device("cpu")
+
+
+def timeout():  # of every collective
+    return datetime.timedelta(seconds=int(os.environ.get("NANOPOST_TIMEOUT_S", 3600)))
 
 
 def is_dist():
@@ -76,7 +79,26 @@ def all_reduce(x, op="sum"):
     return t if torch.is_tensor(x) else t.item()
 
 
+_cpu_group = None
+
+
+def all_gather_object(obj):
+    """-> [rank 0's obj, rank 1's, ...] ([obj] on one process). Every rank must call it. Over a gloo group: host
+    objects (tokenized data) do not pass through GPU memory, as NCCL's object collectives would take them."""
+    global _cpu_group
+    if not is_dist():
+        return [obj]
+    if _cpu_group is None:  # (made by the first call, which every rank reaches: new_group is collective too)
+        _cpu_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo",
+                                                                                          timeout=timeout())
+    got = [None] * dist.get_world_size()
+    dist.all_gather_object(got, obj, group=_cpu_group)
+    return got
+
+
 def cleanup():
+    global _cpu_group
+    _cpu_group = None
     if is_dist():
         dist.destroy_process_group()
 

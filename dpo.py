@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (IGNORE, add_eval_args, add_optim_args, all_reduce, build_optimizer, check_out, cleanup,
-                    clip_grad_norm, earlier_eval, evaluate, init_distributed, is_dist, load_model, log_metrics, lr_at,
-                    make_out, number, plan_steps, positive, print0, read_checkpoint, reshard, resume, save_checkpoint,
-                    seed_everything, start_run, token_logprobs, write_json)
+from common import (IGNORE, add_eval_args, add_optim_args, all_gather_object, all_reduce, build_optimizer, check_out,
+                    cleanup, clip_grad_norm, earlier_eval, evaluate, init_distributed, is_dist, load_model, log_metrics,
+                    lr_at, make_out, number, plan_steps, positive, print0, read_checkpoint, reshard, resume,
+                    save_checkpoint, seed_everything, start_run, token_logprobs, write_json)
 from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_eval_prompts
 from tokenizer import Tokenizer, tokenize_conversation
 
@@ -267,10 +267,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
                 found.append((i, {"chosen": r["messages"] + [{"role": "assistant", "content": pair[0]}],
                                   "rejected": r["messages"] + [{"role": "assistant", "content": pair[1]}],
                                   "dataset": r["dataset"]}))
-        if is_dist():  # every rank gets every rank's pairs
-            got = [None] * world
-            torch.distributed.all_gather_object(got, found)
-            found = [x for g in got for x in g]
+        found = [x for g in all_gather_object(found) for x in g]  # every rank gets every rank's pairs
         if rank == 0:
             make_out(args.out)  # (an earlier run's checkpoint here, whose pairs these replace: start_run forgot it)
             with open(pairs_file + ".tmp", "w") as f:

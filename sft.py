@@ -33,7 +33,7 @@ from tqdm import tqdm
 from common import (IGNORE, add_eval_args, add_optim_args, all_reduce, build_optimizer, check_out, cleanup,
                     clip_grad_norm, evaluate, init_distributed, load_model, log_metrics, lr_at, number, plan_steps,
                     positive, print0, read_checkpoint, resume, save_checkpoint, seed_everything, start_run, write_json)
-from data import DataError, encode_sft, epoch_order, load_mixture, pack_batch, pad_batch, sft_row
+from data import DataError, encode_rows, encode_sft, epoch_order, load_mixture, pack_batch, pad_batch, sft_row
 from tokenizer import Tokenizer
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,7 +142,7 @@ model.train()
 # -----------------------------------------------------------------------------
 # data
 
-cut = []  # the lengths of the examples truncated to --max-len
+cut = []  # the lengths of the examples this rank truncated to --max-len (encode_rows shares the rows out)
 
 
 def encode(msgs):
@@ -164,7 +164,8 @@ try:
         n_bad = sum(k for _, k in sources)
         sources = [rows for rows, _ in sources]
     else:
-        sources, n_bad = [[encode(r["messages"]) for r in sft_rows]], 0
+        sources, n_bad = [encode_rows([(f"built-in row {i}", r["messages"]) for i, r in enumerate(sft_rows)], encode,
+                                      skip_bad=False)[0]], 0
     if args.eval_prompts:
         from data import read_eval_prompts
         held_out = read_eval_prompts(args.eval_prompts)
@@ -179,7 +180,8 @@ for rows in sources:
 accum, steps_per_epoch, total, warmup = plan_steps(len(train), args, world, "training examples")
 B, mB = args.batch_size, args.micro_batch_size
 n_params = sum(p.numel() for p in model.parameters())
-print0(f"examples: {len(train)} train, {len(val)} val; {n_bad} bad rows skipped, {len(cut)} truncated to --max-len, "
+n_cut = int(all_reduce(len(cut)))
+print0(f"examples: {len(train)} train, {len(val)} val; {n_bad} bad rows skipped, {n_cut} truncated to --max-len, "
        f"{n_drop} dropped (over --max-len {args.max_len} or nothing to train on)")
 print0(f"model: {n_params / 1e6:.2f}M parameters | world {world} | batch {B} = micro {mB} x accum {accum} x world "
        f"{world} | {total} steps ({steps_per_epoch}/epoch), warmup {warmup} | device {device}")

@@ -137,6 +137,39 @@ def test_accumulation_and_two_process_fsdp_match(tiny, tmp_path):
     assert max_diff(weights(a), weights(str(tmp_path / "d"))) > 1e-4
 
 
+ENCODE_ROWS = """
+import common, data
+rank, world, device = common.init_distributed()
+calls = []
+def encode(x):  # row 5 is one the chat template refuses
+    calls.append(x)
+    if x == 5:
+        raise ValueError("five")
+    return [x] * x
+rows = [(f"f.jsonl:{i + 1}", i) for i in range(11)]
+got, bad = data.encode_rows(rows, encode, skip_bad=True, block=2)
+assert got == [[x] * x for x in range(11) if x != 5] and bad == 1
+assert calls == list(range(rank, 11, world))  # this rank's share alone, in blocks of 2 rows per rank
+try:
+    data.encode_rows(rows, encode, skip_bad=False, block=2)
+    raise AssertionError("no DataError")
+except data.DataError as e:
+    assert str(e) == "f.jsonl:6: five", e
+common.cleanup()
+print("ok")
+"""
+
+
+def test_encode_rows_shares_the_tokenization_out_among_ranks(tmp_path):
+    """Tokenizing is the slow part of loading a mixture: each of 2 ranks encodes every other row, and both get
+    every result in order, with the same bad row named (or skipped and counted) on each; one process, all."""
+    script = tmp_path / "ranks.py"
+    script.write_text(ENCODE_ROWS)
+    r = subprocess.run(python(script, nproc=2), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.count("ok") == 2, r.stderr[-3000:]
+    exec(ENCODE_ROWS.replace("rank, world, device = common.init_distributed()", "rank, world = 0, 1"), {})
+
+
 def test_collectives_and_loading_under_two_processes(tiny, tmp_path):
     """common's helpers on 2 gloo ranks: all_reduce sums or takes the max over ranks (a tensor too), load_model
     shards a frozen model (a reference: no gradients) and passes --grad-checkpoint, reshard shards its root again
