@@ -288,11 +288,12 @@ def add_optim_args(p):
 
 
 def add_eval_args(p, prompts_help="RLVR JSONL scored for held-out accuracy at the end"):
-    """The held-out evaluation flags the three scripts share; the preset fills --eval-batch-size."""
+    """The held-out evaluation flags the three scripts share; the preset fills --eval-max-new-tokens and
+    --eval-batch-size."""
     p.add_argument("--eval-prompts", default=None, help=prompts_help)
     p.add_argument("--eval-n", type=count, default=None, help="score only the first N held-out prompts (0: none)")
-    p.add_argument("--eval-max-new-tokens", type=positive, default=64, help="greedy tokens per held-out prompt (the "
-                   "tiny tasks need 64; chain-of-thought answers such as GSM8K's need 512 or more)")
+    p.add_argument("--eval-max-new-tokens", type=positive, default=None, help="greedy tokens per held-out prompt "
+                   "(default: 64 tiny; 512 tulu3-8b, GSM8K's in Tülu 3's evaluation: MATH's is 1024, IFEval's 2048)")
     # the KV cache of a batch sits beside the training state: at 8B, 256 prompts of ~1k tokens + 512 new ones
     # are ~48 GB (128 KiB per token), 64 are ~12 GB
     p.add_argument("--eval-batch-size", type=positive, default=None,

@@ -191,12 +191,12 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
         # the tiny default: on-policy pairs from the tiny SFT model, about half a minute on 2 CPU cores
         "tiny": dict(loss_type="dpo_norm", epochs=2, batch_size=32, micro_batch_size=32, lr=1e-4,
                      schedule="linear", warmup_ratio=0.1, max_len=256, save_dtype="fp32", grad_checkpoint=False,
-                     eval_batch_size=256, save_every=0),
+                     eval_batch_size=256, eval_max_new_tokens=64, save_every=0),
         # Tülu 3 8B DPO (open-instruct docs/tulu3.md): dpo_norm, beta 5, lr 5e-7 linear, warmup 0.1, wd 0,
         # 1 epoch, max length 2048, effective batch 128
         "tulu3-8b": dict(loss_type="dpo_norm", epochs=1, batch_size=128, micro_batch_size=1, lr=5e-7,
                          schedule="linear", warmup_ratio=0.1, max_len=2048, save_dtype="bf16", grad_checkpoint=False,
-                         eval_batch_size=64, save_every=0),
+                         eval_batch_size=64, eval_max_new_tokens=512, save_every=0),
     }
     # the built-in tasks train a 0.85M-parameter model; data of one's own is for a real checkpoint, whose
     # tiny-model hyperparameters (lr 1e-4..3e-3, fp32 saves) would wreck it

@@ -402,7 +402,8 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
         "tiny": dict(steps=60, max_new_tokens=64, max_prompt_len=256, verify_reward=10.0,
                      beta=0.05, kl_estimator="k1", gamma=1.0, lam=0.95, clip=0.2, value_clip=0.2, vf_coef=0.1,
                      ppo_epochs=4, mini_batches=1, micro_batch_size=64, lr=3e-5, value_lr=3e-4, schedule="constant",
-                     warmup_ratio=0.0, save_dtype="fp32", grad_checkpoint=False, eval_batch_size=256, save_every=0),
+                     warmup_ratio=0.0, save_dtype="fp32", grad_checkpoint=False, eval_batch_size=256,
+                     eval_max_new_tokens=64, save_every=0),
         # Tülu 3 8B RLVR (open-instruct docs/tulu3.md and ppo_vllm_thread_ray_gtrl.py defaults): beta 0.05
         # k1, lr 3e-7 linear no warmup, gamma 1, lambda 0.95, clip 0.2, value clip 0.2, vf_coef 0.1,
         # 4 epochs x 1 mini-batch of 224 rollouts (1 sample/prompt), response 2048, reward 10, no-EOS -10;
@@ -414,7 +415,7 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
                          verify_reward=10.0, no_eos_penalty=-10.0, beta=0.05, kl_estimator="k1", gamma=1.0,
                          lam=0.95, clip=0.2, value_clip=0.2, vf_coef=0.1, ppo_epochs=4, mini_batches=1,
                          micro_batch_size=2, lr=3e-7, schedule="linear", warmup_ratio=0.0, save_dtype="bf16",
-                         grad_checkpoint=True, eval_batch_size=64, save_every=100),
+                         grad_checkpoint=True, eval_batch_size=64, eval_max_new_tokens=512, save_every=100),
     }
     # the built-in tasks train a 0.85M-parameter model; data of one's own is for a real checkpoint, whose
     # tiny-model hyperparameters (lr 3e-5, value lr 3e-4, fp32 saves) would wreck it

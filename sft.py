@@ -75,13 +75,13 @@ PRESETS = {
     # the tiny default: a 0.85M-parameter model from scratch, a few minutes on 2 CPU cores
     "tiny": dict(epochs=8, batch_size=32, micro_batch_size=32, lr=3e-3, schedule="cosine", warmup_ratio=0.05,
                  max_len=256, save_dtype="fp32", val_frac=0.02, eval_every=50, chat_template="own",
-                 grad_checkpoint=False, eval_batch_size=256, save_every=0),
+                 grad_checkpoint=False, eval_batch_size=256, eval_max_new_tokens=64, save_every=0),
     # Tülu 3 8B SFT (open-instruct docs/tulu3.md): lr 5e-6 linear, warmup 0.03, wd 0, 2 epochs,
     # max length 4096, effective batch 128, sum loss
     # (Tülu trains on every row; ~0.1% is held out here for a validation loss every 500 steps)
     "tulu3-8b": dict(epochs=2, batch_size=128, micro_batch_size=1, lr=5e-6, schedule="linear", warmup_ratio=0.03,
                      max_len=4096, save_dtype="bf16", val_frac=0.001, eval_every=500, chat_template="tulu",
-                     grad_checkpoint=False, eval_batch_size=64, save_every=0),
+                     grad_checkpoint=False, eval_batch_size=64, eval_max_new_tokens=512, save_every=0),
 }
 # the built-in tasks train a 0.85M-parameter model; data of one's own is for a real checkpoint, whose
 # tiny-model hyperparameters (lr 1e-4..3e-3, fp32 saves) would wreck it

@@ -1,4 +1,5 @@
 """Helpers shared by the test files."""
+import json
 import os
 import runpy
 import shutil
@@ -122,3 +123,24 @@ def kill_at_first_checkpoint(proc, out, timeout):
     proc.wait()
     assert os.path.isfile(state), proc.stderr.read()[-2000:]
     return torch.load(state, weights_only=False)["step"]
+
+
+def eval_length(monkeypatch, script, *argv):
+    """The --eval-max-new-tokens a script's first held-out evaluation decodes with (its run stops there)."""
+    class Stop(Exception):
+        pass
+
+    def evaluate(model, tok, rows, max_new_tokens=None, batch_size=None, **kw):
+        raise Stop(max_new_tokens)
+    monkeypatch.setattr(common, "evaluate", evaluate)
+    with pytest.raises(Stop) as e:
+        run_here(monkeypatch, script, *argv)
+    return e.value.args[0]
+
+
+def held_out_file(path, n):
+    """Writes n held-out prompts of the built-in tasks (RLVR rows) to path -> path."""
+    import tasks
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in tasks.make_tasks(seed=1, n_sft=2, n_prefs=2, n_rl=2, n_eval=n)[3])
+    return path

@@ -19,8 +19,8 @@ import tasks
 from common import IGNORE
 from data import epoch_order, pad_batch
 from dpo import LOSS_TYPES, encode_response, pick_pair, preference_loss
-from helpers import (clip_grads, kill_at_first_checkpoint, nan_checkpoint, perturb_in_place, python, recording_evaluate,
-                     refusal, run_here, update_gap)
+from helpers import (clip_grads, eval_length, held_out_file, kill_at_first_checkpoint, nan_checkpoint,
+                     perturb_in_place, python, recording_evaluate, refusal, run_here, update_gap)
 from model import Llama
 from tokenizer import Tokenizer
 
@@ -770,3 +770,13 @@ def test_an_out_whose_parent_is_not_made_yet(tiny, tmp_path, monkeypatch, capsys
     out = tmp_path / "new" / "dpo"
     run_dpo_here(monkeypatch, capsys, tiny, str(out), "--max-steps", 1)
     assert (out / "model.safetensors").is_file() and list((tmp_path / "new").glob("dpo.ref-*.pt"))
+
+
+@pytest.mark.parametrize("preset,tokens", [("tiny", 64), ("tulu3-8b", 512)])
+def test_presets_fill_the_held_out_decoding_length(tiny, tmp_path, monkeypatch, preset, tokens):
+    # the tiny tasks' answers fit in 64 tokens; a real model's chain of thought (GSM8K) needs Tülu 3's 512
+    held_out = held_out_file(tmp_path / "held_out.jsonl", 2)
+    args = ("--ckpt", tiny[0], "--data", tiny[1], "--out", tmp_path / "o", "--eval-prompts", held_out,
+            "--batch-size", 8)
+    assert eval_length(monkeypatch, "dpo.py", *args, "--preset", preset) == tokens
+    assert eval_length(monkeypatch, "dpo.py", *args, "--preset", preset, "--eval-max-new-tokens", 7) == 7

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 import tasks
 from data import encode_prompt
-from helpers import (adamw, clip_grads, kill_at_first_checkpoint, nan_checkpoint, perturb_in_place, python,
-                     recording_evaluate, refusal, run_here, saved_state, update_gap)
+from helpers import (adamw, clip_grads, eval_length, kill_at_first_checkpoint, nan_checkpoint, perturb_in_place,
+                     python, recording_evaluate, refusal, run_here, saved_state, update_gap)
 from model import Llama, generate
 from ppo_rlvr import (ValueModel, adaptive_kl, advantages, gae, group_advantages, kl_estimate, masked_whiten,
                       policy_loss, ppo_loss, response_logprobs, rollout_batch, sequence_scores, token_rewards,
@@ -931,3 +931,12 @@ def test_resume_refuses_another_stages_checkpoint_and_an_out_that_is_the_referen
     run_here(monkeypatch, *args, "--ckpt", dpo, "--out", out, "--steps", 2, "--resume")
     assert f"resumed from {out} at step 1" in capsys.readouterr().out
     run_here(monkeypatch, *args, "--ckpt", dpo, "--out", dpo, "--beta", 0)
+
+
+@pytest.mark.parametrize("preset,tokens", [("tiny", 64), ("tulu3-8b", 512)])
+def test_presets_fill_the_held_out_decoding_length(tiny, tmp_path, monkeypatch, preset, tokens):
+    # the tiny tasks' answers fit in 64 tokens; a real model's chain of thought (GSM8K) needs Tülu 3's 512
+    args = ("--ckpt", tiny[0], "--data", tiny[1], "--out", tmp_path / "o", "--eval-prompts", tiny[1], "--eval-n", 2,
+            "--prompts-per-step", 8)
+    assert eval_length(monkeypatch, "ppo_rlvr.py", *args, "--preset", preset) == tokens
+    assert eval_length(monkeypatch, "ppo_rlvr.py", *args, "--preset", preset, "--eval-max-new-tokens", 7) == 7

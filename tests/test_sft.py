@@ -19,8 +19,8 @@ import common
 import data
 import tasks
 from common import IGNORE
-from helpers import (adamw, clip_grads, kill_at_first_checkpoint, nan_checkpoint, python, recording_evaluate, refusal,
-                     run_here, saved_state, update_gap)
+from helpers import (adamw, clip_grads, eval_length, held_out_file, kill_at_first_checkpoint, nan_checkpoint,
+                     python, recording_evaluate, refusal, run_here, saved_state, update_gap)
 from model import Llama, LlamaConfig
 from tokenizer import Tokenizer
 
@@ -224,9 +224,7 @@ def test_packing_matches_padding_in_training(tiny, tmp_path):
 def test_compiled_blocks_match_eager(tiny, tmp_path):
     # --compile (torch.compile per block, inductor on the CPU) trains to the eager run's losses and weights,
     # and the final evaluation's generate() runs the compiled model eagerly
-    held_out = tmp_path / "held_out.jsonl"
-    held_out.write_text("".join(json.dumps(r) + "\n" for r in tasks.make_tasks(seed=1, n_sft=2, n_prefs=2, n_rl=2,
-                                                                                   n_eval=4)[3]))
+    held_out = held_out_file(tmp_path / "held_out.jsonl", 4)
     args = ("--max-steps", 3, "--batch-size", 8, "--micro-batch-size", 4, "--eval-prompts", held_out)
     for name, flag in (("eager", ()), ("compiled", ("--compile",))):
         cache = tmp_path / f"inductor-{name}"
@@ -1161,3 +1159,13 @@ def test_process_group_outwaits_a_rank0_checkpoint_write(monkeypatch):
     monkeypatch.setenv("NANOPOST_TIMEOUT_S", "7200")
     common.init_distributed()
     assert got["timeout"] == datetime.timedelta(hours=2)
+
+
+@pytest.mark.parametrize("preset,tokens", [("tiny", 64), ("tulu3-8b", 512)])
+def test_presets_fill_the_held_out_decoding_length(tiny, tmp_path, monkeypatch, preset, tokens):
+    # the tiny tasks' answers fit in 64 tokens; a real model's chain of thought (GSM8K) needs Tülu 3's 512
+    held_out = held_out_file(tmp_path / "held_out.jsonl", 2)
+    args = ("--ckpt", tiny[0], "--data", tiny[1], "--out", tmp_path / "o", "--eval-prompts", held_out,
+            "--max-steps", 1, "--batch-size", 8, "--micro-batch-size", 8, "--val-frac", 0)
+    assert eval_length(monkeypatch, "sft.py", *args, "--preset", preset) == tokens
+    assert eval_length(monkeypatch, "sft.py", *args, "--preset", preset, "--eval-max-new-tokens", 7) == 7
