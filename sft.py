@@ -238,8 +238,10 @@ for step in bar:
     mbs = list(micro_batches(step))
     # count the step's target tokens on all ranks first: each micro-batch's summed loss is divided by
     # this global count, so the accumulated gradient is the gradient of the step's mean token loss
-    n_tok = all_reduce(sum((b["targets"] != IGNORE).sum().item() for b in mbs))
-    tot = 0.0
+    # one host sync for the count and one for the summed loss, kept on the device meanwhile: on a GPU an .item() per
+    # micro-batch waits for its backward, and the GPU idles while Python launches the next micro-batch's forward
+    n_tok = all_reduce(torch.stack([(b["targets"] != IGNORE).sum() for b in mbs]).sum().item())
+    tot = torch.zeros((), dtype=torch.float64, device=device)  # (float64: the same sum as the Python floats' before)
     for mb in mbs:
         loss, k = loss_sum(mb)
         if args.loss_reduction == "sum":
@@ -248,8 +250,8 @@ for step in bar:
         else:  # ablation: mean over this micro-batch's tokens, then averaged over micro-batches/ranks
             scaled = loss / k.clamp(min=1) / accum
         scaled.backward()
-        tot += loss.item()
-    loss_step = all_reduce(tot) / max(n_tok, 1)
+        tot += loss.detach()
+    loss_step = all_reduce(tot.item()) / max(n_tok, 1)
     if not math.isfinite(loss_step):
         raise SystemExit(f"error: loss is {loss_step} at step {step}; stopping. The last good checkpoint "
                          f"(if any) is untouched in {args.out}")

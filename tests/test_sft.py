@@ -1169,3 +1169,22 @@ def test_presets_fill_the_held_out_decoding_length(tiny, tmp_path, monkeypatch, 
             "--max-steps", 1, "--batch-size", 8, "--micro-batch-size", 8, "--val-frac", 0)
     assert eval_length(monkeypatch, "sft.py", *args, "--preset", preset) == tokens
     assert eval_length(monkeypatch, "sft.py", *args, "--preset", preset, "--eval-max-new-tokens", 7) == 7
+
+
+def test_host_syncs_do_not_grow_with_micro_batches(tiny, tmp_path, monkeypatch):
+    """On a GPU, .item() waits for every kernel queued so far: one per micro-batch (after its backward) drains the
+    queue, and the GPU idles while Python launches the next micro-batch's forward. A step's host syncs must not
+    grow with its number of micro-batches."""
+    calls, item = [], torch.Tensor.item
+
+    def counting(self):
+        calls.append(1)
+        return item(self)
+    monkeypatch.setattr(torch.Tensor, "item", counting)
+    counts = []
+    for mb in (8, 1):  # 1 and 8 micro-batches per step
+        calls.clear()
+        run_here(monkeypatch, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--val-frac", "0",
+                 "--out", tmp_path / str(mb), "--max-steps", 2, "--batch-size", 8, "--micro-batch-size", mb)
+        counts.append(len(calls))
+    assert counts[0] == counts[1], f".item() calls with 1 vs 8 micro-batches per step: {counts}"
