@@ -332,12 +332,16 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     print0(f"loss: {args.loss_type}, beta {args.beta}" + (f", gamma/beta {args.gamma_beta_ratio}" if args.loss_type ==
            "simpo" else "") + (f", label smoothing {args.label_smoothing}" if args.label_smoothing else ""))
 
-    def sequence_logps(idx, lsq=False):
+    def pair_batch(idx):
+        # the 2n sequences of pairs[idx], chosen first, right-padded to a common length, on the device
+        return pad_batch([pairs[i][0] for i in idx] + [pairs[i][1] for i in idx], tok.pad_id, device)
+
+    def sequence_logps(idx, lsq=False, batch=None):
         """Summed log-probs of the chosen and rejected responses of pairs[idx]: (n,), (n,) fp32, and with
-        lsq=True the summed log sum_v p_v^2 of both (WPO). One forward over the 2n sequences, chosen first,
-        right-padded to a common length."""
+        lsq=True the summed log sum_v p_v^2 of both (WPO). One forward over the 2n sequences (pair_batch(idx),
+        or `batch` when given)."""
         n = len(idx)
-        batch = pad_batch([pairs[i][0] for i in idx] + [pairs[i][1] for i in idx], tok.pad_id, device)
+        batch = batch or pair_batch(idx)
         out = token_logprobs(model, batch["input_ids"], batch["targets"], return_lsq=lsq)  # (2n, T), 0 off-target
         logp, q = (out[0].sum(-1), out[1].sum(-1)) if lsq else (out.sum(-1), None)
         return (logp[:n], logp[n:]) + ((q[:n], q[n:]) if lsq else ())
@@ -415,18 +419,21 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
         i = step % steps_per_epoch
         mine = order[i * B:(i + 1) * B][rank::world]
         # summed over the step's pairs: loss, rewards chosen/rejected, correct pairs, policy logps, tokens in
-        stats = torch.zeros(7, dtype=torch.float64)
-        for j in range(0, len(mine), mB):
-            idx = mine[j:j + mB]
-            pc, pr, *lsq = sequence_logps(idx, lsq=args.loss_type == "wpo")
-            rf, n = ref[idx].to(device), lengths[idx].to(device)
+        # Every copy to the device is made before the first forward and the sums stay there until the step's end: on a
+        # GPU a blocking host-to-device copy or a .cpu() between micro-batches waits for the backward queued before it,
+        # and the GPU idles while Python launches the next forward
+        stats = torch.zeros(7, dtype=torch.float64, device=device)
+        mbs = [(mine[j:j + mB], pair_batch(mine[j:j + mB]), ref[mine[j:j + mB]].to(device),
+                lengths[mine[j:j + mB]].to(device)) for j in range(0, len(mine), mB)]
+        for idx, batch, rf, n in mbs:
+            pc, pr, *lsq = sequence_logps(idx, lsq=args.loss_type == "wpo", batch=batch)
             losses, rc, rr = preference_loss(pc, pr, rf[:, 0], rf[:, 1], n[:, 0], n[:, 1], args.loss_type,
                                              args.beta, args.gamma_beta_ratio, args.label_smoothing, *lsq)
             # every step has exactly B pairs: dividing each micro-batch's sum by B makes the accumulated
             # gradient that of the step's mean pair loss; FSDP averages over ranks, * world undoes that
             (losses.sum() / B * world).backward()
             stats += torch.stack([losses.sum(), rc.sum(), rr.sum(), (rc > rr).sum(), pc.sum(), pr.sum(),
-                                  n[:, 2].sum()]).detach().double().cpu()
+                                  n[:, 2].sum()]).detach().double()
         stats = (all_reduce(stats).cpu() / B).tolist()
         if not math.isfinite(stats[0]):
             raise SystemExit(f"error: loss is {stats[0]} at step {step}; stopping. The last good checkpoint "
