@@ -624,9 +624,12 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
         T = max(len(r) for r in resp)
         old_lp, ref_lp, values = (torch.zeros(B, T, device=device) for _ in range(3))
         mask = torch.zeros(B, T, device=device)
+        # every micro-batch goes to the device before the first forward (here and in each mini-batch below): on a GPU a
+        # blocking host-to-device copy between two forwards waits for the first, and the GPU idles while Python
+        # launches the second
+        rollouts = [(j, micro(range(j, min(j + mB, B)))) for j in range(0, B, mB)]
         with torch.no_grad():
-            for j in range(0, B, mB):
-                b = micro(range(j, min(j + mB, B)))
+            for j, b in rollouts:
                 w = b["mask"].shape[1]
                 mask[j:j + mB, :w] = b["mask"]
                 old_lp[j:j + mB, :w] = response_logprobs(policy, b, args.temperature)
@@ -636,9 +639,10 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
                     values[j:j + mB, :w] = vm(b["input_ids"], b["idx"]) * b["mask"]
         if ref is not None:
             reshard(ref)  # it never runs a backward: its gathered root would stay so until the end
-        gen_lp = torch.zeros(B, T, device=device)
+        gen_lp = torch.zeros(B, T)
         for i, lp in enumerate(glp):
-            gen_lp[i, :len(lp)] = torch.tensor(lp, device=device)
+            gen_lp[i, :len(lp)] = torch.tensor(lp)
+        gen_lp = gen_lp.to(device)  # one copy, not a blocking one per row
         gap = (gen_lp - old_lp).abs() * mask
 
         # 4. advantages
@@ -668,9 +672,10 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
                     denom = all_reduce(mask[rows_mb].sum().item())
                 else:
                     denom = all_reduce(float(len(rows_mb)))
-                for j in range(0, Bm, mB):
-                    J = rows_mb[j:j + mB]
-                    b = micro(J)
+                # (J as a device tensor: indexing a CUDA tensor with a Python list copies the list over, blocking)
+                mbs = [(torch.tensor(rows_mb[j:j + mB], device=device), micro(rows_mb[j:j + mB]))
+                       for j in range(0, Bm, mB)]
+                for J, b in mbs:
                     w = b["mask"].shape[1]
                     m = b["mask"]
                     lp = response_logprobs(policy, b, args.temperature)

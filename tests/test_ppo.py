@@ -940,3 +940,29 @@ def test_presets_fill_the_held_out_decoding_length(tiny, tmp_path, monkeypatch, 
             "--prompts-per-step", 8)
     assert eval_length(monkeypatch, "ppo_rlvr.py", *args, "--preset", preset) == tokens
     assert eval_length(monkeypatch, "ppo_rlvr.py", *args, "--preset", preset, "--eval-max-new-tokens", 7) == 7
+
+
+def test_no_host_sync_between_the_micro_batches_of_an_update(tiny, tmp_path, monkeypatch):
+    """On a GPU a .cpu(), an .item() or a blocking copy to the device waits for every kernel queued so far: one
+    between two micro-batches drains the queue after a backward, and the GPU idles while Python launches the next
+    forward. Between an update's first and last backward there must be none."""
+    events, orig = [], {k: getattr(torch.Tensor, k) for k in ("cpu", "item", "to", "backward")}
+
+    def record(name, is_sync=lambda *a, **kw: True):
+        def f(self, *a, **kw):
+            if is_sync(*a, **kw):
+                events.append(name)
+            return orig[name](self, *a, **kw)
+        return f
+    to_device = lambda *a, **kw: "device" in kw or any(isinstance(x, (torch.device, str)) for x in a)  # noqa: E731
+    for name in ("cpu", "item", "backward"):
+        monkeypatch.setattr(torch.Tensor, name, record(name))
+    monkeypatch.setattr(torch.Tensor, "to", record("to", to_device))
+    # one step, one epoch, one mini-batch: one update of 4 micro-batches of 2 rollouts
+    run_here(monkeypatch, "ppo_rlvr.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out",
+             tmp_path / "o", "--eval-n", 0, "--max-new-tokens", 8, "--steps", 1, "--prompts-per-step", 8,
+             "--ppo-epochs", 1, "--micro-batch-size", 2)
+    first, last = events.index("backward"), len(events) - 1 - events[::-1].index("backward")
+    assert events.count("backward") == 4
+    between = [e for e in events[first:last] if e != "backward"]
+    assert not between, f"host syncs between the update's micro-batches: {between}"
