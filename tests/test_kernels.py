@@ -271,6 +271,41 @@ def test_triton_interpreter():
     print("\n[interpreter]", *[ln for ln in r.stdout.splitlines() if "worst errors" in ln or " passed" in ln])
 
 
+def test_kernels_compile_for_an_h100():
+    # The interpreter accepts code that the GPU compiler rejects; triton.compile with an explicit target lowers each
+    # kernel to an sm_90 cubin here (ptxas ships in the wheel), so such an error shows up without a GPU. bf16, the
+    # widest tile and both sides of every constexpr flag, as the training scripts launch them. (Not named for the
+    # interpreter child's "-k triton": the kernels are not JIT functions there.)
+    if not kernels.HAS_TRITON or kernels.INTERPRET:
+        pytest.skip("needs triton, outside the interpreter")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        pytest.skip(f"this triton has no ahead-of-time compile API: {e}")
+    from kernels import cross_entropy as ce
+    rows = {"z_ptr": "*bf16", "y_ptr": "*i64"}
+    cases = [(lp._lse_slab_kernel, {**rows, "m_ptr": "*fp32", "s_ptr": "*fp32", "q_ptr": "*fp32", "zy_ptr": "*fp32",
+                                    "stride": "i32", "v0": "i32", "n_cols": "i32", "inv_t": "fp32"}, "SQ"),
+             (lp._dz_slab_kernel, {**rows, "lse_ptr": "*fp32", "g_ptr": "*fp32", "stride": "i32", "v0": "i32",
+                                   "n_cols": "i32", "inv_t": "fp32", "ignore_index": "i32"}, None),
+             (ce._ce_row_kernel, {**rows, "nll_ptr": "*fp32", "scale_ptr": "*fp32", "stride": "i32", "n_cols": "i32",
+                                  "ignore_index": "i32"}, "HAS_GRAD")]
+    for fn, sig, flag in cases:
+        for on in ((False, True) if flag else (None,)):
+            const = {"BLOCK": 2048, **({flag: on} if flag else {})}
+            src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
+            try:
+                lp.triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+            except (FileNotFoundError, RuntimeError) as e:
+                if "ptxas" in str(e) and "not found" in str(e).lower():
+                    pytest.skip(f"no ptxas: {e}")
+                raise
+    src = ASTSource(fn=ce._scale_kernel, signature={"x_ptr": "*bf16", "g_ptr": "*fp32", "n": "i32",
+                                                     "BLOCK": "constexpr"}, constexprs={"BLOCK": 4096})
+    lp.triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+
+
 def test_training_scripts_same_loss_on_both_paths(tmp_path):
     # sft.py (fused cross-entropy) and dpo.py (fused log-probs, policy and cached reference), 3 steps of 4:
     # the Triton path under the interpreter and the PyTorch reference give the same losses and weights
