@@ -272,6 +272,11 @@ class Llama(nn.Module):
         """torch.compile each transformer block, torchtitan's recipe: per block and before FSDP2 wraps
         them. The one small graph every block shares compiles quickly, and the fused loss (opaque to the
         compiler) stays outside. generate() runs eagerly all the same (its KV cache and CUDA graph)."""
+        # every block of every model (PPO's policy, reference and value model) shares Block.forward's code, so
+        # its compiled variants add up: grad mode (rollouts, updates), frozen or trained weights and their dtype
+        # (bf16 reference, fp32 policy on CUDA), the length turning dynamic. PPO reaches 7; past Dynamo's default
+        # of 8 the blocks would run eagerly with one warning
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in self.layers:
             block.compile()
         return self

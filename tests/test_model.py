@@ -568,3 +568,12 @@ def test_per_token_outputs_are_tensors_of_their_own():
     assert logp.shape == (2, 5) and logp._base is None
     for t in m(x, targets=x, return_lsq=True):
         assert t.shape == (2, 5) and t._base is None
+
+
+def test_compiled_blocks_leave_room_for_every_variant(monkeypatch):
+    # the blocks of PPO's policy, reference and value model share one compiled code object, recompiled per grad mode,
+    # weight dtype and requires_grad, and length (7 variants measured); at Dynamo's default limit of 8 one more would
+    # send every block back to eager
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    Llama(LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64)).compile_blocks()
+    assert torch._dynamo.config.recompile_limit >= 64
