@@ -287,9 +287,11 @@ def add_optim_args(p):
     p.add_argument("--save-dtype", choices=["fp32", "bf16"], default=None)
 
 
-def add_eval_args(p, prompts_help="RLVR JSONL scored for held-out accuracy at the end"):
-    """The held-out evaluation flags the three scripts share; the preset fills --eval-max-new-tokens and
-    --eval-batch-size."""
+def add_data_args(p, prompts_help="RLVR JSONL scored for held-out accuracy at the end"):
+    """--skip-bad and the held-out evaluation flags, which the three scripts share; the preset fills
+    --eval-max-new-tokens and --eval-batch-size (check_data_args: before it does)."""
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip and count malformed --data rows instead of stopping (--eval-prompts is read whole)")
     p.add_argument("--eval-prompts", default=None, help=prompts_help)
     p.add_argument("--eval-n", type=count, default=None, help="score only the first N held-out prompts (0: none)")
     p.add_argument("--eval-max-new-tokens", type=positive, default=None, help="greedy tokens per held-out prompt "
@@ -298,6 +300,17 @@ def add_eval_args(p, prompts_help="RLVR JSONL scored for held-out accuracy at th
     # are ~48 GB (128 KiB per token), 64 are ~12 GB
     p.add_argument("--eval-batch-size", type=positive, default=None,
                    help="held-out prompts per generation batch, per rank (default: 256 tiny, 64 tulu3-8b)")
+
+
+def check_data_args(args):
+    """Refuses add_data_args's flags where they would do nothing (said, not silently ignored). Before the preset
+    fills the held-out ones."""
+    if args.skip_bad and args.data is None:
+        raise SystemExit("error: --skip-bad skips the bad rows of --data; the built-in tasks have none")
+    given = [k for k in ("eval_n", "eval_max_new_tokens", "eval_batch_size") if getattr(args, k)]  # (--eval-n 0: none)
+    if given and args.data is not None and args.eval_prompts is None:
+        raise SystemExit(f"error: --{given[0].replace('_', '-')} sets the held-out evaluation, and with --data there "
+                         "is none without --eval-prompts")
 
 
 def build_optimizer(model, lr, weight_decay=0.0):

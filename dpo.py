@@ -37,10 +37,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (IGNORE, add_eval_args, add_optim_args, all_gather_object, all_reduce, build_optimizer, check_out,
-                    cleanup, clip_grad_norm, earlier_eval, evaluate, init_distributed, is_dist, load_model, log_metrics,
-                    lr_at, make_out, number, plan_steps, positive, print0, read_checkpoint, reshard, resume,
-                    save_checkpoint, seed_everything, start_run, token_logprobs, write_json)
+from common import (IGNORE, add_data_args, add_optim_args, all_gather_object, all_reduce, build_optimizer,
+                    check_data_args, check_out, cleanup, clip_grad_norm, earlier_eval, evaluate, init_distributed,
+                    is_dist, load_model, log_metrics, lr_at, make_out, number, plan_steps, positive, print0,
+                    read_checkpoint, reshard, resume, save_checkpoint, seed_everything, start_run, token_logprobs,
+                    write_json)
 from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_eval_prompts
 from tokenizer import Tokenizer, tokenize_conversation
 
@@ -166,9 +167,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     p.add_argument("--label-smoothing", type=number(0, 0.5), default=0.0, help="conservative DPO's label noise eps")
     # data
     p.add_argument("--max-len", type=positive, default=None, help="tokens per sequence (prompt + response), truncated")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip and count malformed --data rows instead of stopping (--eval-prompts is read whole)")
-    add_eval_args(p)  # --eval-prompts --eval-n --eval-max-new-tokens --eval-batch-size
+    add_data_args(p)  # --skip-bad --eval-prompts --eval-n --eval-max-new-tokens --eval-batch-size
     # on-policy pairs (without --data; refused with it)
     # 300 of the 1000 built-in preference prompts: one modest offline round, as Tülu 3's DPO is one epoch
     # on a fixed set; RLVR, which keeps sampling, then has room to add to it
@@ -185,6 +184,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     p.add_argument("--micro-batch-size", type=positive, default=None, help="pairs per forward (x2 sequences), per rank")
     add_optim_args(p)  # --lr --schedule --warmup-ratio ... --save-every (shared: common.py)
     args = p.parse_args()
+    check_data_args(args)
 
     # presets fill whatever was not given on the command line
     PRESETS = {

@@ -328,10 +328,10 @@ class ValueModel(nn.Module):
 if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions above without side effects
     from tqdm import tqdm
 
-    from common import (add_eval_args, add_optim_args, all_reduce, build_optimizer, check_out, cleanup, clip_grad_norm,
-                        earlier_eval, evaluate, init_distributed, log_metrics, lr_at, make_out, mp_policy, number,
-                        positive, print0, read_checkpoint, read_train_state, reshard, resume, save_checkpoint,
-                        seed_everything, start_run, write_json)
+    from common import (add_data_args, add_optim_args, all_reduce, build_optimizer, check_data_args, check_out, cleanup,
+                        clip_grad_norm, earlier_eval, evaluate, init_distributed, log_metrics, lr_at, make_out,
+                        mp_policy, number, positive, print0, read_checkpoint, read_train_state, reshard, resume,
+                        save_checkpoint, seed_everything, start_run, write_json)
     from data import DataError, encode_prompt, epoch_order, load_mixture, read_eval_prompts, rlvr_row
     from model import generate, seeded
     from tokenizer import Tokenizer
@@ -353,8 +353,6 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     p.add_argument("--advantage", choices=["gae", "grpo", "rloo"], default="gae")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip and count malformed --data rows instead of stopping (--eval-prompts is read whole)")
     # rollouts
     p.add_argument("--steps", type=positive, default=None, help="rollout batches (each: epochs x mini-batches updates)")
     p.add_argument("--prompts-per-step", type=positive, default=None, help="prompts per rollout batch, all ranks")
@@ -392,9 +390,10 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     add_optim_args(p)  # --lr --schedule --warmup-ratio ... --save-every (shared: common.py)
     p.add_argument("--value-lr", type=number(0), default=None, help="default: the preset's (tiny: 3e-4), "
                    "else --lr")
-    add_eval_args(p, "RLVR JSONL scored for held-out accuracy at the end (default with the built-in prompts: "
+    add_data_args(p, "RLVR JSONL scored for held-out accuracy at the end (default with the built-in prompts: "
                   "the built-in held-out set)")  # --eval-prompts --eval-n --eval-max-new-tokens --eval-batch-size
     args = p.parse_args()
+    check_data_args(args)
 
     # presets fill whatever was not given on the command line
     PRESETS = {

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (IGNORE, add_eval_args, add_optim_args, all_reduce, build_optimizer, check_out, cleanup,
-                    clip_grad_norm, evaluate, init_distributed, load_model, log_metrics, lr_at, number, plan_steps,
-                    positive, print0, read_checkpoint, resume, save_checkpoint, seed_everything, start_run, write_json)
+from common import (IGNORE, add_data_args, add_optim_args, all_reduce, build_optimizer, check_data_args, check_out,
+                    cleanup, clip_grad_norm, evaluate, init_distributed, load_model, log_metrics, lr_at, number,
+                    plan_steps, positive, print0, read_checkpoint, resume, save_checkpoint, seed_everything, start_run,
+                    write_json)
 from data import DataError, encode_rows, encode_sft, epoch_order, load_mixture, pack_batch, pad_batch, sft_row
 from tokenizer import Tokenizer
 
@@ -49,8 +50,6 @@ p.add_argument("--seed", type=int, default=0)
 # data
 p.add_argument("--max-len", type=positive, default=None)
 p.add_argument("--drop-long", action="store_true", help="drop examples over --max-len instead of truncating")
-p.add_argument("--skip-bad", action="store_true",
-               help="skip and count malformed --data rows instead of stopping (--eval-prompts is read whole)")
 p.add_argument("--packing", action="store_true", help="padding-free packed micro-batches")
 p.add_argument("--chat-template", default=None, help="own: the checkpoint's (Tülu 3's if it has none); tulu: "
                "Tülu 3's in any case (open-instruct's default); or a .jinja file. Saved with the output")
@@ -58,7 +57,7 @@ p.add_argument("--add-bos", action="store_true", help="prepend BOS to the chat t
                "for base models pretrained with BOS whose template does not write it")
 p.add_argument("--val-frac", type=number(0, 1), default=None,
                help="share of each data file held out for validation loss")
-add_eval_args(p)  # --eval-prompts --eval-n --eval-max-new-tokens --eval-batch-size
+add_data_args(p)  # --skip-bad --eval-prompts --eval-n --eval-max-new-tokens --eval-batch-size
 # optimization
 p.add_argument("--epochs", type=number(0, above=True), default=None)
 p.add_argument("--max-steps", type=positive, default=None, help="stop after this many optimizer steps")
@@ -69,6 +68,10 @@ p.add_argument("--loss-reduction", choices=["sum", "mean"], default="sum")
 # validation
 p.add_argument("--eval-every", type=positive, default=None, help="validation loss every N steps")
 args = p.parse_args()
+check_data_args(args)
+if args.eval_every is not None and args.val_frac == 0:
+    raise SystemExit("error: --eval-every sets how often the validation loss is computed, and --val-frac 0 holds out "
+                     "no rows for it")
 
 # presets fill whatever was not given on the command line (README: "How the scripts map to Tülu 3")
 PRESETS = {

@@ -1188,3 +1188,17 @@ def test_host_syncs_do_not_grow_with_micro_batches(tiny, tmp_path, monkeypatch):
                  "--out", tmp_path / str(mb), "--max-steps", 2, "--batch-size", 8, "--micro-batch-size", mb)
         counts.append(len(calls))
     assert counts[0] == counts[1], f".item() calls with 1 vs 8 micro-batches per step: {counts}"
+
+
+@pytest.mark.parametrize("script", ["sft.py", "dpo.py", "ppo_rlvr.py"])
+def test_data_flags_that_would_do_nothing_are_refused(tiny, tmp_path, monkeypatch, capsys, script):
+    # said, not silently ignored: --skip-bad on the built-in tasks, a held-out flag where nothing is held out
+    out = ("--out", tmp_path / "o")
+    assert refusal(monkeypatch, capsys, script, *out, "--skip-bad") == \
+        "error: --skip-bad skips the bad rows of --data; the built-in tasks have none"
+    for flag in (("--eval-n", 5), ("--eval-max-new-tokens", 512), ("--eval-batch-size", 8)):
+        assert refusal(monkeypatch, capsys, script, *out, "--ckpt", tiny[0], "--data", tiny[1], *flag) == \
+            f"error: {flag[0]} sets the held-out evaluation, and with --data there is none without --eval-prompts"
+    if script == "sft.py":
+        assert refusal(monkeypatch, capsys, script, *out, "--val-frac", 0, "--eval-every", 10).startswith(
+            "error: --eval-every sets how often the validation loss is computed, and --val-frac 0 holds out no rows")
