@@ -320,12 +320,13 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
     # (N, 3): response tokens of chosen and of rejected (what the loss averages over), all tokens of the pair
     lengths = torch.tensor(lengths, dtype=torch.float32).reshape(-1, 3)
     N = len(pairs)
-    accum, steps_per_epoch, total, warmup = plan_steps(N, args, world, "preference pairs")
-    B, mB = args.batch_size, args.micro_batch_size
-    n_params = sum(q.numel() for q in model.parameters())
+    # the counts first: they say why, when plan_steps stops on too few pairs (all skipped or dropped)
     print0(f"pairs: {N}; {n_bad} bad rows skipped, {n_drop} dropped (a response empty after truncation to "
            f"--max-len {args.max_len}); mean response tokens chosen {lengths[:, 0].mean():.1f}, "
            f"rejected {lengths[:, 1].mean():.1f}")
+    accum, steps_per_epoch, total, warmup = plan_steps(N, args, world, "preference pairs")
+    B, mB = args.batch_size, args.micro_batch_size
+    n_params = sum(q.numel() for q in model.parameters())
     print0(f"model: {n_params / 1e6:.2f}M parameters | world {world} | batch {B} pairs = micro {mB} x accum {accum} "
            f"x world {world} | {total} steps ({steps_per_epoch}/epoch), warmup {warmup} | device {device}")
     print0(f"preset {args.preset}: lr {args.lr} {args.schedule}, max length {args.max_len}, saved in {args.save_dtype}")

@@ -494,8 +494,10 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     rows, prompts = [rows[i] for i in keep], [prompts[i] for i in keep]
     steps_per_epoch = len(rows) // P
     if steps_per_epoch == 0:
-        long = f" ({n_long} more are over --max-prompt-len {args.max_prompt_len})" if n_long else ""
-        raise SystemExit(f"error: {len(rows)} prompts{long} is fewer than one batch of --prompts-per-step {P}")
+        why = [f"{n_bad} bad rows skipped"] * bool(n_bad) + \
+            [f"{n_long} more are over --max-prompt-len {args.max_prompt_len}"] * bool(n_long)
+        why = f" ({', '.join(why)})" if why else ""
+        raise SystemExit(f"error: {len(rows)} prompts{why} is fewer than one batch of --prompts-per-step {P}")
 
     # the reference is the frozen starting policy, resident and sharded like the policy (1/world of the
     # parameters per rank under FSDP; precomputing its log-probs is impossible: the samples are new

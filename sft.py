@@ -180,12 +180,13 @@ for rows in sources:
     n_drop += len(rows) - len(examples)
     n_val = int(len(examples) * args.val_frac)  # the first rows of the file's seeded shuffle
     val, train = val + examples[:n_val], train + examples[n_val:]
-accum, steps_per_epoch, total, warmup = plan_steps(len(train), args, world, "training examples")
-B, mB = args.batch_size, args.micro_batch_size
-n_params = sum(p.numel() for p in model.parameters())
+# the counts first: they say why, when plan_steps stops on too few examples (all skipped or dropped)
 n_cut = int(all_reduce(len(cut)))
 print0(f"examples: {len(train)} train, {len(val)} val; {n_bad} bad rows skipped, {n_cut} truncated to --max-len, "
        f"{n_drop} dropped (over --max-len {args.max_len} or nothing to train on)")
+accum, steps_per_epoch, total, warmup = plan_steps(len(train), args, world, "training examples")
+B, mB = args.batch_size, args.micro_batch_size
+n_params = sum(p.numel() for p in model.parameters())
 print0(f"model: {n_params / 1e6:.2f}M parameters | world {world} | batch {B} = micro {mB} x accum {accum} x world "
        f"{world} | {total} steps ({steps_per_epoch}/epoch), warmup {warmup} | device {device}")
 print0(f"preset {args.preset}: lr {args.lr} {args.schedule}, max length {args.max_len}, saved in {args.save_dtype}")

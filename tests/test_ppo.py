@@ -966,3 +966,13 @@ def test_no_host_sync_between_the_micro_batches_of_an_update(tiny, tmp_path, mon
     assert events.count("backward") == 4
     between = [e for e in events[first:last] if e != "backward"]
     assert not between, f"host syncs between the update's micro-batches: {between}"
+
+
+def test_too_few_prompts_says_why(tiny, tmp_path, monkeypatch, capsys):
+    # --skip-bad that skipped every row: the stop says so rather than leaving "0 prompts" unexplained
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}], "ground_truth": "x",
+                                "dataset": "gsm8k"}) + "\n")
+    assert refusal(monkeypatch, capsys, "ppo_rlvr.py", "--ckpt", tiny[0], "--data", path, "--preset", "tiny",
+                   "--out", tmp_path / "o", "--skip-bad") == \
+        "error: 0 prompts (1 bad rows skipped) is fewer than one batch of --prompts-per-step 32"

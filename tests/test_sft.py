@@ -648,6 +648,16 @@ def test_skip_bad_leaves_the_held_out_prompts_whole(tiny, tmp_path, monkeypatch,
     assert data.read_eval_prompts(str(held_out)) == [data.rlvr_row(row, "")]
 
 
+def test_too_few_examples_says_why(tiny, tmp_path, monkeypatch, capsys):
+    # every row dropped (here: all over --max-len with --drop-long) or skipped: the stop names the count, and the
+    # counts line that says where the rows went is printed before it, not lost with the rest of the summary
+    err = refusal(monkeypatch, capsys, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny",
+                  "--out", tmp_path / "o", "--val-frac", "0", "--max-len", 4, "--drop-long")
+    assert err == "error: 0 training examples is fewer than one batch of 32"
+    assert "examples: 0 train, 0 val; 0 bad rows skipped, 0 truncated to --max-len, 96 dropped" in \
+        capsys.readouterr().out
+
+
 def test_preset_follows_the_data(tiny, tmp_path, monkeypatch, capsys):
     # data of one's own is for a real checkpoint: Tülu 3's hyperparameters (lr 5e-6, bf16 saves, a held-out batch
     # whose KV cache fits beside an 8B model's training state) unless --preset tiny is asked for, never the tiny
