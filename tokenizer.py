@@ -252,6 +252,14 @@ class Tokenizer:
         template = compile_template(self.chat_template)
         try:
             text = template.render(messages=chat, add_generation_prompt=add_generation_prompt, **variables)
+        except jinja2.exceptions.UndefinedError as e:
+            # a special token the template writes but the checkpoint never names (no tokenizer_config.json, or one
+            # without eos_token): the checkpoint's fault, not the conversation's, which every row would be blamed for
+            token = str(e).removesuffix(" is undefined").strip("'")
+            if not token.endswith("_token"):
+                raise ValueError(f"the chat template refuses this conversation: {e}") from None
+            raise ValueError(f"the chat template writes {token}, which {self.source or 'the tokenizer'}"
+                             "/tokenizer_config.json (or special_tokens_map.json) does not set") from None
         except jinja2.exceptions.TemplateError as e:  # raise_exception("roles must alternate ...") and kin
             raise ValueError(f"the chat template refuses this conversation: {e}") from None
         return self.encode(text) if tokenize else text

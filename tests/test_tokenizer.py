@@ -372,6 +372,22 @@ def test_a_turn_closed_by_two_eos_tokens_trains_both(base):
         m["content"] + "<|eot_id|><|end_of_text|>" for m in CONVERSATIONS[0] if m["role"] == "assistant")
 
 
+def test_a_special_token_the_checkpoint_never_names_is_its_fault(base, tmp_path):
+    # tokenizer.json without tokenizer_config.json (EOS ids from generation_config.json only): the Tülu template
+    # writes eos_token, which is undefined. Every conversation fails alike, so the message names the checkpoint's
+    # file, not "the chat template refuses this conversation" (which would send one looking at the data)
+    base.tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": base.token_to_id("<|im_end|>")}))
+    tok = Tokenizer.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError) as e:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    assert str(e.value) == (f"the chat template writes eos_token, which {tmp_path}/tokenizer_config.json "
+                            "(or special_tokens_map.json) does not set")
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"  # the conversation's fault: said so
+    with pytest.raises(ValueError, match="refuses this conversation: roles must alternate"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
 def test_a_later_turn_without_eos_is_refused(base):
     # a template that drops the EOS from the second assistant turn on: an earlier turn's EOS must not count
     t = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] }}"
