@@ -19,6 +19,7 @@ import random
 import re
 import zlib
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -266,14 +267,18 @@ def pack_batch(examples, device="cpu"):
     """Padding-free: all examples concatenated into one row (1, N) with position_ids restarting per
     document and doc_ids so that attention never crosses a document boundary. The last token of each
     document predicts nothing (its target is IGNORE), exactly as in the padded batch."""
-    x, y, pos, doc = [], [], [], []
-    for d, (ids, labels) in enumerate(examples):
-        x += ids
-        y += labels[1:] + [IGNORE]
-        pos += range(len(ids))
-        doc += [d] * len(ids)
-    t = lambda v: torch.tensor([v], dtype=torch.long, device=device)  # noqa: E731
-    return {"input_ids": t(x), "targets": t(y), "position_ids": t(pos), "doc_ids": t(doc)}
+    cat = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64))[None].to(device)  # noqa: E731
+    return {"input_ids": cat([ids for ids, _ in examples]),
+            "targets": cat([np.append(labels[1:], IGNORE) for _, labels in examples]),
+            "position_ids": cat([np.arange(len(ids)) for ids, _ in examples]),
+            "doc_ids": cat([np.full(len(ids), d) for d, (ids, _) in enumerate(examples)])}
+
+
+def compact(ex):
+    """(ids, labels) lists -> int32 arrays (None stays None), which pad_batch and pack_batch take as they are.
+    Every rank holds every example: arrays take 8 bytes a token where lists of Python ints take ~46 (at 0.7B
+    tokens, 6 GB a rank instead of 32)."""
+    return None if ex is None else (np.asarray(ex[0], np.int32), np.asarray(ex[1], np.int32))
 
 
 def epoch_order(n, epoch, seed):

@@ -42,7 +42,7 @@ from common import (IGNORE, add_data_args, add_optim_args, all_gather_object, al
                     is_dist, load_model, log_metrics, lr_at, make_out, number, plan_steps, positive, print0,
                     read_checkpoint, reshard, resume, save_checkpoint, seed_everything, start_run, token_logprobs,
                     write_json)
-from data import DataError, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_eval_prompts
+from data import DataError, compact, encode_prompt, epoch_order, load_mixture, pad_batch, pref_row, read_eval_prompts
 from tokenizer import Tokenizer, tokenize_conversation
 
 LOSS_TYPES = ("dpo", "dpo_norm", "simpo", "ipo", "wpo")
@@ -304,7 +304,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
         else:
             spec = args.data
         rows, n_bad = load_mixture(spec, pref_row, seed=args.seed, skip_bad=args.skip_bad,
-                                   encode=lambda cr: [encode_response(tok, m, args.max_len) for m in cr])
+                                   encode=lambda cr: [compact(encode_response(tok, m, args.max_len)) for m in cr])
         if args.eval_prompts:
             held_out = read_eval_prompts(args.eval_prompts)
         pairs, lengths, n_drop = [], [], 0
@@ -313,8 +313,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
                 n_drop += 1
                 continue
             pairs.append((c, r))
-            lengths.append([sum(y != IGNORE for y in c[1][1:]), sum(y != IGNORE for y in r[1][1:]),
-                            len(c[0]) + len(r[0])])
+            lengths.append([(c[1][1:] != IGNORE).sum(), (r[1][1:] != IGNORE).sum(), len(c[0]) + len(r[0])])
     except DataError as e:
         raise SystemExit(f"error: {e}")
     # (N, 3): response tokens of chosen and of rejected (what the loss averages over), all tokens of the pair

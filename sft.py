@@ -26,7 +26,6 @@ import math
 import os
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -34,7 +33,7 @@ from common import (IGNORE, add_data_args, add_optim_args, all_reduce, build_opt
                     cleanup, clip_grad_norm, evaluate, init_distributed, load_model, log_metrics, lr_at, number,
                     plan_steps, positive, print0, read_checkpoint, resume, save_checkpoint, seed_everything, start_run,
                     write_json)
-from data import DataError, encode_rows, encode_sft, epoch_order, load_mixture, pack_batch, pad_batch, sft_row
+from data import DataError, compact, encode_rows, encode_sft, epoch_order, load_mixture, pack_batch, pad_batch, sft_row
 from tokenizer import Tokenizer
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,15 +148,9 @@ cut = []  # the lengths of the examples this rank truncated to --max-len (encode
 
 
 def encode(msgs):
-    """-> (ids, labels) as int32 arrays, or None: over --max-len with --drop-long, or nothing left to train on.
-    Every rank holds every example: arrays take 8 bytes a token where lists of Python ints take ~46 (at 0.7B
-    tokens, 6 GB per rank instead of 32)."""
-    ex = encode_sft(tok, msgs, args.max_len, truncate=not args.drop_long, cut=cut)
-    return None if ex is None else (np.asarray(ex[0], np.int32), np.asarray(ex[1], np.int32))
-
-
-def lists(examples):  # the stored arrays back to the lists pad_batch and pack_batch take, a micro-batch at a time
-    return [(ids.tolist(), labels.tolist()) for ids, labels in examples]
+    """-> (ids, labels) as int32 arrays (data.compact), or None: over --max-len with --drop-long, or nothing left
+    to train on."""
+    return compact(encode_sft(tok, msgs, args.max_len, truncate=not args.drop_long, cut=cut))
 
 
 try:
@@ -198,7 +191,7 @@ def micro_batches(step):
     i = step % steps_per_epoch
     idx = order[i * B:(i + 1) * B][rank::world]  # rank-strided
     for j in range(0, len(idx), mB):
-        exs = lists(train[k] for k in idx[j:j + mB])
+        exs = [train[k] for k in idx[j:j + mB]]
         yield pack_batch(exs, device) if args.packing else pad_batch(exs, tok.pad_id, device)
 
 
@@ -218,7 +211,7 @@ def val_loss():
     tot, n = 0.0, 0
     for r in range(-(-len(val) // (mB * world))):
         j = (r * world + rank) * mB
-        batch = pad_batch(lists(val[j:j + mB] or val[:1]), tok.pad_id, device)
+        batch = pad_batch(val[j:j + mB] or val[:1], tok.pad_id, device)
         if j >= len(val):
             batch["targets"].fill_(IGNORE)
         loss, k = loss_sum(batch)
