@@ -144,3 +144,24 @@ def held_out_file(path, n):
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in tasks.make_tasks(seed=1, n_sft=2, n_prefs=2, n_rl=2, n_eval=n)[3])
     return path
+
+
+def syncs_between_backwards(monkeypatch, script, *argv):
+    """Runs a script in this process -> (its backward calls, the host syncs between its first and last backward).
+    On a GPU a .cpu(), an .item() or a blocking copy to the device waits for every kernel queued so far: one between
+    two micro-batches drains the queue after a backward, and the GPU idles while Python launches the next forward."""
+    events, orig = [], {k: getattr(torch.Tensor, k) for k in ("cpu", "item", "to", "backward")}
+
+    def record(name, is_sync=lambda *a, **kw: True):
+        def f(self, *a, **kw):
+            if is_sync(*a, **kw):
+                events.append(name)
+            return orig[name](self, *a, **kw)
+        return f
+    to_device = lambda *a, **kw: "device" in kw or any(isinstance(x, (torch.device, str)) for x in a)  # noqa: E731
+    for name in ("cpu", "item", "backward"):
+        monkeypatch.setattr(torch.Tensor, name, record(name))
+    monkeypatch.setattr(torch.Tensor, "to", record("to", to_device))
+    run_here(monkeypatch, script, *argv)
+    first, last = events.index("backward"), len(events) - 1 - events[::-1].index("backward")
+    return events.count("backward"), [e for e in events[first:last] if e != "backward"]

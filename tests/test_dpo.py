@@ -20,7 +20,8 @@ from common import IGNORE
 from data import epoch_order, pad_batch
 from dpo import LOSS_TYPES, encode_response, pick_pair, preference_loss
 from helpers import (clip_grads, eval_length, held_out_file, kill_at_first_checkpoint, nan_checkpoint,
-                     perturb_in_place, python, recording_evaluate, refusal, run_here, update_gap)
+                     perturb_in_place, python, recording_evaluate, refusal, run_here, syncs_between_backwards,
+                     update_gap)
 from model import Llama
 from tokenizer import Tokenizer
 
@@ -782,26 +783,9 @@ def test_presets_fill_the_held_out_decoding_length(tiny, tmp_path, monkeypatch, 
     assert eval_length(monkeypatch, "dpo.py", *args, "--preset", preset, "--eval-max-new-tokens", 7) == 7
 
 
-def test_no_host_sync_between_the_micro_batches_of_a_step(tiny, tmp_path, monkeypatch, capsys):
-    """On a GPU a .cpu(), an .item() or a blocking copy to the device waits for every kernel queued so far: one
-    between two micro-batches drains the queue after a backward, and the GPU idles while Python launches the next
-    forward. Between a step's first and last backward there must be none."""
-    events, orig = [], {k: getattr(torch.Tensor, k) for k in ("cpu", "item", "to", "backward")}
-
-    def record(name, is_sync=lambda *a, **kw: True):
-        def f(self, *a, **kw):
-            if is_sync(*a, **kw):
-                events.append(name)
-            return orig[name](self, *a, **kw)
-        return f
-    to_device = lambda *a, **kw: "device" in kw or any(isinstance(x, (torch.device, str)) for x in a)  # noqa: E731
-    for name in ("cpu", "item", "backward"):
-        monkeypatch.setattr(torch.Tensor, name, record(name))
-    monkeypatch.setattr(torch.Tensor, "to", record("to", to_device))
-    args = ["--micro-batch-size", "1", "--max-steps", "1", "--save-every", "0"]  # one step of 8 micro-batches
-    run_here(monkeypatch, "dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out", tmp_path / "o",
-             *ARGS, *args)
-    first, last = events.index("backward"), len(events) - 1 - events[::-1].index("backward")
-    assert events.count("backward") == 8
-    between = [e for e in events[first:last] if e != "backward"]
-    assert not between, f"host syncs between the step's micro-batches: {between}"
+def test_no_host_sync_between_the_micro_batches_of_a_step(tiny, tmp_path, monkeypatch):
+    # on a GPU each would idle it (helpers.syncs_between_backwards); one step of 8 micro-batches
+    n, between = syncs_between_backwards(monkeypatch, "dpo.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset",
+                                         "tiny", "--out", tmp_path / "o", *ARGS, "--micro-batch-size", "1",
+                                         "--max-steps", "1", "--save-every", "0")
+    assert n == 8 and not between, f"host syncs between the step's micro-batches: {between}"

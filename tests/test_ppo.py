@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import tasks
 from data import encode_prompt
 from helpers import (adamw, clip_grads, eval_length, kill_at_first_checkpoint, nan_checkpoint, perturb_in_place,
-                     python, recording_evaluate, refusal, run_here, saved_state, update_gap)
+                     python, recording_evaluate, refusal, run_here, saved_state, syncs_between_backwards, update_gap)
 from model import Llama, generate
 from ppo_rlvr import (ValueModel, adaptive_kl, advantages, gae, group_advantages, kl_estimate, masked_whiten,
                       policy_loss, ppo_loss, response_logprobs, rollout_batch, sequence_scores, token_rewards,
@@ -943,29 +943,13 @@ def test_presets_fill_the_held_out_decoding_length(tiny, tmp_path, monkeypatch, 
 
 
 def test_no_host_sync_between_the_micro_batches_of_an_update(tiny, tmp_path, monkeypatch):
-    """On a GPU a .cpu(), an .item() or a blocking copy to the device waits for every kernel queued so far: one
-    between two micro-batches drains the queue after a backward, and the GPU idles while Python launches the next
-    forward. Between an update's first and last backward there must be none."""
-    events, orig = [], {k: getattr(torch.Tensor, k) for k in ("cpu", "item", "to", "backward")}
-
-    def record(name, is_sync=lambda *a, **kw: True):
-        def f(self, *a, **kw):
-            if is_sync(*a, **kw):
-                events.append(name)
-            return orig[name](self, *a, **kw)
-        return f
-    to_device = lambda *a, **kw: "device" in kw or any(isinstance(x, (torch.device, str)) for x in a)  # noqa: E731
-    for name in ("cpu", "item", "backward"):
-        monkeypatch.setattr(torch.Tensor, name, record(name))
-    monkeypatch.setattr(torch.Tensor, "to", record("to", to_device))
-    # one step, one epoch, one mini-batch: one update of 4 micro-batches of 2 rollouts
-    run_here(monkeypatch, "ppo_rlvr.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--out",
-             tmp_path / "o", "--eval-n", 0, "--max-new-tokens", 8, "--steps", 1, "--prompts-per-step", 8,
-             "--ppo-epochs", 1, "--micro-batch-size", 2)
-    first, last = events.index("backward"), len(events) - 1 - events[::-1].index("backward")
-    assert events.count("backward") == 4
-    between = [e for e in events[first:last] if e != "backward"]
-    assert not between, f"host syncs between the update's micro-batches: {between}"
+    # on a GPU each would idle it (helpers.syncs_between_backwards); one step, one epoch, one mini-batch: one
+    # update of 4 micro-batches of 2 rollouts
+    n, between = syncs_between_backwards(monkeypatch, "ppo_rlvr.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset",
+                                         "tiny", "--out", tmp_path / "o", "--eval-n", 0, "--max-new-tokens", 8,
+                                         "--steps", 1, "--prompts-per-step", 8, "--ppo-epochs", 1,
+                                         "--micro-batch-size", 2)
+    assert n == 4 and not between, f"host syncs between the update's micro-batches: {between}"
 
 
 def test_too_few_prompts_says_why(tiny, tmp_path, monkeypatch, capsys):

@@ -20,7 +20,7 @@ import data
 import tasks
 from common import IGNORE
 from helpers import (adamw, clip_grads, eval_length, held_out_file, kill_at_first_checkpoint, nan_checkpoint,
-                     python, recording_evaluate, refusal, run_here, saved_state, update_gap)
+                     python, recording_evaluate, refusal, run_here, saved_state, syncs_between_backwards, update_gap)
 from model import Llama, LlamaConfig
 from tokenizer import Tokenizer
 
@@ -1181,23 +1181,12 @@ def test_presets_fill_the_held_out_decoding_length(tiny, tmp_path, monkeypatch, 
     assert eval_length(monkeypatch, "sft.py", *args, "--preset", preset, "--eval-max-new-tokens", 7) == 7
 
 
-def test_host_syncs_do_not_grow_with_micro_batches(tiny, tmp_path, monkeypatch):
-    """On a GPU, .item() waits for every kernel queued so far: one per micro-batch (after its backward) drains the
-    queue, and the GPU idles while Python launches the next micro-batch's forward. A step's host syncs must not
-    grow with its number of micro-batches."""
-    calls, item = [], torch.Tensor.item
-
-    def counting(self):
-        calls.append(1)
-        return item(self)
-    monkeypatch.setattr(torch.Tensor, "item", counting)
-    counts = []
-    for mb in (8, 1):  # 1 and 8 micro-batches per step
-        calls.clear()
-        run_here(monkeypatch, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset", "tiny", "--val-frac", "0",
-                 "--out", tmp_path / str(mb), "--max-steps", 2, "--batch-size", 8, "--micro-batch-size", mb)
-        counts.append(len(calls))
-    assert counts[0] == counts[1], f".item() calls with 1 vs 8 micro-batches per step: {counts}"
+def test_no_host_sync_between_the_micro_batches_of_a_step(tiny, tmp_path, monkeypatch):
+    # on a GPU each would idle it (helpers.syncs_between_backwards); one step of 8 micro-batches
+    n, between = syncs_between_backwards(monkeypatch, "sft.py", "--ckpt", tiny[0], "--data", tiny[1], "--preset",
+                                         "tiny", "--val-frac", "0", "--out", tmp_path / "o", "--max-steps", 1,
+                                         "--batch-size", 8, "--micro-batch-size", 1)
+    assert n == 8 and not between, f"host syncs between the step's micro-batches: {between}"
 
 
 @pytest.mark.parametrize("script", ["sft.py", "dpo.py", "ppo_rlvr.py"])
