@@ -145,6 +145,17 @@ def encode_response(tok, msgs, max_len):
     return ids, labels
 
 
+def reference_key(start_fp, max_len, device_type, pairs):
+    """The key of the cached reference log-probs: the checkpoint's weights (a retrained checkpoint misses), the
+    exact token ids and targets of every pair (data, tokenizer, template, max length), max length, and the device
+    type (bf16 compute on CUDA, fp32 on the CPU)."""
+    h = hashlib.sha256(f"{start_fp}|{max_len}|{device_type}".encode())
+    for c, r in pairs:
+        for ids, labels in (c, r):  # (int32 arrays or lists; -1 and -2 mark the ends)
+            h.update(np.concatenate([ids, [-1], labels, [-2]]).astype(np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
 if __name__ == "__main__":  # the script; importing dpo gives the functions above without side effects
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -351,14 +362,7 @@ if __name__ == "__main__":  # the script; importing dpo gives the functions abov
 
     ref = torch.zeros(N, 2, dtype=torch.float64)  # (N, 2) summed log pi_ref: chosen, rejected
     if args.loss_type != "simpo":
-        # key: the checkpoint's weights (a retrained checkpoint misses), the exact token ids and targets of every
-        # pair (data, tokenizer, template, max length), max length, and the device type (bf16 compute on CUDA,
-        # fp32 on the CPU)
-        h = hashlib.sha256(f"{start_fp}|{args.max_len}|{device.type}".encode())
-        for c, r in pairs:
-            for ids, labels in (c, r):
-                h.update(np.asarray(ids + [-1] + labels + [-2], dtype=np.int64).tobytes())
-        key = h.hexdigest()[:16]
+        key = reference_key(start_fp, args.max_len, device.type, pairs)
         cache = f"{os.path.abspath(args.out)}.ref-{key}.pt"
         cached = None
         if os.path.isfile(cache):

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 import tasks
 from common import IGNORE
-from data import epoch_order, pad_batch
-from dpo import LOSS_TYPES, encode_response, pick_pair, preference_loss
+from data import compact, epoch_order, pad_batch
+from dpo import LOSS_TYPES, encode_response, pick_pair, preference_loss, reference_key
 from helpers import (clip_grads, eval_length, held_out_file, kill_at_first_checkpoint, nan_checkpoint,
                      perturb_in_place, python, recording_evaluate, refusal, run_here, syncs_between_backwards,
                      update_gap)
@@ -789,3 +789,13 @@ def test_no_host_sync_between_the_micro_batches_of_a_step(tiny, tmp_path, monkey
                                          "tiny", "--out", tmp_path / "o", *ARGS, "--micro-batch-size", "1",
                                          "--max-steps", "1", "--save-every", "0")
     assert n == 8 and not between, f"host syncs between the step's micro-batches: {between}"
+
+
+def test_reference_key_is_the_exact_tokens_and_targets():
+    # pairs held as int32 arrays (data.compact) key as their lists do; ids and targets are hashed as sequences,
+    # not added up elementwise (array + [-1] broadcasts): token 3 trained and token 106 not have the same sum
+    a = [(([1, 3], [IGNORE, 3]), ([1, 4], [IGNORE, 4]))]
+    b = [(([1, 106], [IGNORE, IGNORE]), ([1, 4], [IGNORE, 4]))]
+    key = lambda pairs: reference_key("fp", 64, "cpu", pairs)  # noqa: E731
+    assert key(a) != key(b)
+    assert key([tuple(compact(ex) for ex in pair) for pair in a]) == key(a)
