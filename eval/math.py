@@ -3,7 +3,9 @@ MATH 4-shot chain-of-thought with "flex" scoring, the protocol Tülu 3 reports (
 `minerva_math::tulu`, "MATH (4 shot CoT, Flex)"):
   - the 4 Minerva exemplars (data/math/minerva_4shot_prompt.txt) as a multi-turn chat: 4 x
     [user "Problem:\\n{problem}\\n\\nSolution:", assistant " {solution}"], then user
-    "Problem:\\n{test problem}\\n\\nSolution:"; no system prompt, no assistant prefix
+    "Problem:\\n{test problem}\\n\\nSolution:"; no system prompt, no assistant prefix. Their text is OLMES'
+    default few-shot source "Minerva:MATH", which `::tulu` takes by naming none (`::olmes` asks for
+    "Minerva:MATH:fixed", which differs only in exemplar 4's line breaks)
   - greedy, 1024 new tokens; stop at "Problem:" (`::tulu` itself sets no stop string and relies on
     the chat EOS; the cut only matters when a model goes on to invent the next problem, whose
     boxed answer would otherwise be the one taken)
@@ -106,7 +108,7 @@ def main():
     records, metrics = score(rows, [g["response"] for g in gens])
     records = [{**r, **g} for r, g in zip(records, gens)]
     headline = "flex_micro" if args.subset else "flex_macro"
-    protocol = {"shots": 4, "format": "multi-turn chat, Minerva exemplars (the whitespace-fixed text)",
+    protocol = {"shots": 4, "format": "multi-turn chat, Minerva exemplars (OLMES Minerva:MATH)",
                 "stops": STOPS, "greedy": True, "headline": headline,
                 "scoring": "flex: Hendrycks strip_string or sympy over the Minerva line, last box, last $...$"}
     save(out, name, args, records, metrics, headline, protocol, prompts[0], t0)

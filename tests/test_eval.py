@@ -221,6 +221,12 @@ def test_math_prompt(ckpt):
     assert "\n\n".join(f"{math.query(p)} {s}" for p, s in shots) == open(path, encoding="utf-8").read().strip()
     assert [verifiers.math_gold(s) for _, s in shots] == ["[2,5)", "24", "16", "-\\frac{2}{3}"]
     assert all(s.endswith("I hope it is correct.") for _, s in shots)
+    # minerva_math::tulu names no fewshot_source, so it takes OLMES' default "Minerva:MATH" (lm-eval's copy of the
+    # Minerva prompt); ::olmes alone asks for "Minerva:MATH:fixed", whose exemplar 4 lacks these line breaks
+    problem4, solution4 = shots[3]
+    assert problem4.startswith("If the system of equations\n\n\\begin{align*}\n6x-4y&=a,\\\n")
+    assert "\\end{align*}has a solution" in problem4 and "both nonzero,\nfind" in problem4
+    assert "we obtain\n\n$$6y-9x" in solution4 and "we have\n\n$$-\\frac{3}{2}a=b" in solution4
     problem = load_rows(os.path.join(DATA, "math", "test.jsonl"), [], limit=1)[0]["problem"]
     text = render(tok, math.messages(problem, shots))
     assert text.startswith("<|user|>\nProblem:\nFind the domain of the expression  $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$.}"
