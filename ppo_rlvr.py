@@ -50,8 +50,8 @@ the ratio is 1 and the update is the plain policy gradient; TRL's RLOO clips one
 
 Memory: the policy, the frozen reference and the value model are all resident, FSDP2-sharded alike (so
 each rank holds 1/world of each; the value model has no LM head; on CUDA the reference is stored in bf16, as
-it computes, with no fp32 master weights). It starts from --value-ckpt: a causal
-LM's body with a zero head, or an HF reward model (*ForSequenceClassification, 1 label) whole, as Tülu 3
+it computes, with no fp32 master weights). The value model starts from --value-ckpt: a causal LM's body with
+a zero head, or an HF reward model (*ForSequenceClassification, 1 label) whole, as Tülu 3
 starts its value model from a reward model. The reference is skipped when beta is 0 and not adaptive, the value
 model outside --advantage gae. The entropy logged is the mean of -logp of the sampled tokens (a
 Monte-Carlo estimate of the per-token entropy of the sampling distribution): the fused log-prob op
@@ -391,7 +391,7 @@ if __name__ == "__main__":  # the script; importing ppo_rlvr gives the functions
     p.add_argument("--value-lr", type=number(0), default=None, help="default: the preset's (tiny: 3e-4), "
                    "else --lr")
     add_data_args(p, "RLVR JSONL scored for held-out accuracy at the end (default with the built-in prompts: "
-                  "the built-in held-out set)")  # --eval-prompts --eval-n --eval-max-new-tokens --eval-batch-size
+                  "the built-in held-out set)")  # --skip-bad --eval-prompts --eval-n --eval-max-new-tokens ...
     args = p.parse_args()
     check_data_args(args)
 
